@@ -1,0 +1,312 @@
+"""MiniGPT: GPT-2 written from scratch as a Hugging Face model.
+
+Readable blocks in the spirit of nanoGPT (attention, MLP, block, model) inside the contract transformers
+expects (config class, weight init, tied embeddings, KV cache, generation). Module names are those of
+the OpenAI checkpoint (`wte`, `wpe`, `h`, `c_attn`, `c_proj`, `ln_f`), so its weights map one to one.
+
+This file is Hub "remote code": `save_pretrained` copies it next to the weights, so it imports only
+installed packages and, relatively, `configuration_minigpt`.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    DynamicCache,
+    GenerationMixin,
+    PreTrainedModel,
+)
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+try:  # as Hub remote code (a package) ...
+    from .configuration_minigpt import MiniGPTConfig
+except ImportError:  # ... or as a top-level module of this repository's scripts
+    from configuration_minigpt import MiniGPTConfig
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: MiniGPTConfig, layer_idx: int):
+        super().__init__()
+        self.n_head = config.n_head
+        self.layer_idx = layer_idx  # which slot of the KV cache is ours
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.attn_pdrop = config.attn_pdrop
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x, attn_mask=None, past_key_values=None):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)  # (B, nh, past + T, hs)
+        # Without a mask, a full sequence takes SDPA's is_causal kernel and one new token sees everything.
+        is_causal = attn_mask is None and T == k.shape[2] and T > 1
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_pdrop if self.training else 0.0, is_causal=is_causal
+        )
+        y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble all head outputs side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: MiniGPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(GradientCheckpointingLayer):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: MiniGPTConfig, layer_idx: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x, attn_mask=None, past_key_values=None):
+        x = x + self.attn(self.ln_1(x), attn_mask=attn_mask, past_key_values=past_key_values)
+        return x + self.mlp(self.ln_2(x))
+
+
+class MiniGPTPreTrainedModel(PreTrainedModel):
+    config_class = MiniGPTConfig
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Block"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _can_compile_fullgraph = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        # transformers' `init` helpers leave tensors that were loaded from a checkpoint untouched.
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        # GPT-2 paper: "scale the weights of residual layers at initialization by a factor of 1/sqrt(N)
+        # where N is the number of residual layers" (two per block: attention and MLP).
+        if isinstance(module, (CausalSelfAttention, MLP)):
+            init.normal_(module.c_proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+
+
+class MiniGPTModel(MiniGPTPreTrainedModel):
+    """The GPT-2 trunk: embeddings, blocks, final LayerNorm. Returns hidden states."""
+
+    def __init__(self, config: MiniGPTConfig):
+        super().__init__(config)
+        self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = nn.ModuleList([Block(config, layer_idx=i) for i in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.wte
+
+    def set_input_embeddings(self, new_embeddings):
+        self.wte = new_embeddings
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.wte(input_ids)
+        B, T = inputs_embeds.shape[:2]
+        if use_cache is None:  # a cache only pays off when generating; in training it just holds memory
+            use_cache = self.config.use_cache and not self.training
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if past_length + T > self.config.n_positions:
+            raise ValueError(
+                f"sequence of {past_length + T} tokens ({past_length} cached + {T} new) is longer than the "
+                f"model's context of n_positions={self.config.n_positions}"
+            )
+        if position_ids is None:
+            position_ids = _position_ids(attention_mask, past_length, T, inputs_embeds.device)
+        attn_mask = None if attention_mask is None else _padding_causal_mask(attention_mask, past_length, T)
+
+        x = self.drop(inputs_embeds + self.wpe(position_ids))
+        for block in self.h:
+            x = block(x, attn_mask=attn_mask, past_key_values=past_key_values if use_cache else None)
+        x = self.ln_f(x)
+        return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=past_key_values if use_cache else None)
+
+
+def _position_ids(attention_mask, past_length, T, device):
+    """Positions of the T new tokens. With padding they count only real tokens, so a left-padded prompt
+    gets the same positions as the prompt alone."""
+    if attention_mask is None:
+        return torch.arange(past_length, past_length + T, device=device).unsqueeze(0)  # (1, T)
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.clamp(min=0)[:, -T:]  # (B, T)
+
+
+def _padding_causal_mask(attention_mask, past_length, T):
+    """Boolean (B, 1, T, past + T) mask: causal and blind to padded keys.
+
+    A left-padding query has no real key before it. Letting it see itself guarantees a finite softmax on
+    every SDPA backend (not all of them special-case all-masked rows); real tokens never attend to
+    padding, so their outputs do not change.
+    """
+    key_length = attention_mask.shape[-1]
+    assert key_length == past_length + T, f"attention_mask covers {key_length} tokens, expected {past_length + T}"
+    query_positions = torch.arange(past_length, past_length + T, device=attention_mask.device)[:, None]
+    key_positions = torch.arange(key_length, device=attention_mask.device)[None, :]
+    causal = key_positions <= query_positions  # (T, key_length)
+    is_real_key = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, key_length)
+    return (causal & is_real_key) | (key_positions == query_positions)
+
+
+def causal_lm_loss(logits, labels, num_items_in_batch=None):
+    """Next-token cross-entropy, positions labelled -100 ignored.
+
+    The labels are shifted instead of the logits: slicing the (B, T, V) logits would copy them.
+    `num_items_in_batch` (the label count over all accumulated micro-batches) makes gradient
+    accumulation average over tokens rather than over micro-batches, as transformers' Trainer expects.
+    """
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100).to(logits.device)
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction=reduction)
+    return loss if num_items_in_batch is None else loss / num_items_in_batch
+
+
+class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
+    """GPT-2 with its language-modelling head (tied to the token embedding)."""
+
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+
+    def __init__(self, config: MiniGPTConfig):
+        super().__init__(config)
+        self.transformer = MiniGPTModel(config)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep=0,
+        num_items_in_batch=None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """`labels` are the inputs themselves (shifted inside). `logits_to_keep`: an int keeps the last
+        that many positions (0 keeps all; generate asks for 1), a tensor selects positions."""
+        outputs = self.transformer(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+        )
+        hidden_states = outputs.last_hidden_state
+        if labels is None:  # the loss needs every position; inference rarely does
+            positions = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            hidden_states = hidden_states[:, positions]
+        logits = self.lm_head(hidden_states)  # (B, T, padded_vocab_size)
+        vocab_size = self.config.vocab_size
+        if logits.shape[-1] > vocab_size:
+            # Padding rows exist only for matmul shapes: -inf keeps them out of softmax, loss and sampling.
+            logits[..., vocab_size:] = float("-inf")
+        loss = None if labels is None else causal_lm_loss(logits, labels, num_items_in_batch)
+        if labels is not None and logits_to_keep:
+            logits = logits[:, -logits_to_keep:] if isinstance(logits_to_keep, int) else logits[:, logits_to_keep]
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits[..., :vocab_size], past_key_values=outputs.past_key_values
+        )
+
+    @classmethod
+    def from_gpt2(cls, source="openai-community/gpt2", **config_overrides) -> "MiniGPTForCausalLM":
+        """Convert OpenAI's GPT-2 weights: `source` is a `transformers.GPT2LMHeadModel`, a local directory
+        or a Hub id (`openai-community/gpt2` ... `gpt2-xl`). The logits equal the library's GPT-2."""
+        from transformers import GPT2LMHeadModel
+
+        gpt2 = source if isinstance(source, GPT2LMHeadModel) else GPT2LMHeadModel.from_pretrained(source)
+        g = gpt2.config
+        unsupported = {
+            "activation_function": (g.activation_function, "gelu_new"),
+            "n_inner": (g.n_inner, None),
+            "scale_attn_weights": (g.scale_attn_weights, True),
+            "scale_attn_by_inverse_layer_idx": (g.scale_attn_by_inverse_layer_idx, False),
+            "reorder_and_upcast_attn": (g.reorder_and_upcast_attn, False),
+        }
+        differing = [f"{name}={got!r} (need {want!r})" for name, (got, want) in unsupported.items() if got != want]
+        if differing:
+            raise ValueError(f"GPT-2 checkpoint uses options MiniGPT does not implement: {', '.join(differing)}")
+        fields = ["vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "layer_norm_epsilon",
+                  "initializer_range", "embd_pdrop", "resid_pdrop", "attn_pdrop"]  # fmt: skip
+        config = MiniGPTConfig(**{**{name: getattr(g, name) for name in fields}, **config_overrides})
+        model = cls(config).to(gpt2.dtype)
+
+        # OpenAI stored these as Conv1D, (in, out): nn.Linear wants (out, in).
+        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        theirs = {k: v for k, v in gpt2.state_dict().items() if k.startswith("transformer.")}
+        ours = {k: v for k, v in model.state_dict().items() if k.startswith("transformer.")}
+        if theirs.keys() != ours.keys():
+            raise ValueError(f"GPT-2 checkpoint keys differ: {sorted(theirs.keys() ^ ours.keys())}")
+        with torch.no_grad():
+            for key, target in ours.items():
+                weight = theirs[key].t() if key.endswith(conv1d) else theirs[key]
+                if key == "transformer.wte.weight":  # padded rows keep their init: never used
+                    target = target[: weight.shape[0]]
+                if weight.shape != target.shape:
+                    raise ValueError(f"{key}: GPT-2 has shape {tuple(weight.shape)}, MiniGPT {tuple(target.shape)}")
+                target.copy_(weight)
+        return model
+
+
+# Hub integration: `save_pretrained` copies this file and configuration_minigpt.py next to the weights
+# and writes `auto_map` into config.json, so `from_pretrained(..., trust_remote_code=True)` works anywhere.
+MiniGPTConfig.register_for_auto_class()
+MiniGPTModel.register_for_auto_class("AutoModel")
+MiniGPTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+# In this process the Auto classes and `pipeline` know the model directly, without remote code.
+AutoConfig.register(MiniGPTConfig.model_type, MiniGPTConfig, exist_ok=True)
+AutoModel.register(MiniGPTConfig, MiniGPTModel, exist_ok=True)
+AutoModelForCausalLM.register(MiniGPTConfig, MiniGPTForCausalLM, exist_ok=True)

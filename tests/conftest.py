@@ -1,0 +1,42 @@
+"""Shared fixtures. The repo root is importable (scripts and model files live there, flat, like a Hub repo)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+sys.path.insert(0, str(REPO))
+
+
+def shared_file(relative: str) -> Path:
+    """A file from ../shared/data, or skip: that data cannot ship with the project."""
+    path = SHARED_DATA / relative
+    if not path.exists():
+        pytest.skip(f"{path} is absent (../shared/data holds development data that is not shipped)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer(tmp_path_factory):
+    """GPT-2's real BPE from ../shared when present, else a byte-level BPE trained here by `tokenizers`
+    (same eot token, same special-token handling), so tokenizer-dependent tests always run."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    shared = SHARED_DATA / "gpt2-tokenizer"
+    if shared.exists():
+        return AutoTokenizer.from_pretrained(shared)
+    from tokenizers import ByteLevelBPETokenizer
+
+    corpus = [
+        "The quick brown fox jumps over the lazy dog.",
+        "Hello world, this is a tiny corpus for a tiny tokenizer.",
+    ] * 50
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(corpus, vocab_size=400, special_tokens=["<|endoftext|>"])
+    path = tmp_path_factory.mktemp("bpe") / "tokenizer.json"
+    bpe.save(str(path))
+    return PreTrainedTokenizerFast(
+        tokenizer_file=str(path), bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>"
+    )

@@ -1,0 +1,163 @@
+"""The model against the library's own GPT-2: same weights must give the same numbers and tokens."""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from configuration_minigpt import MiniGPTConfig
+from modeling_minigpt import MiniGPTForCausalLM
+
+VOCAB = 1000
+TINY = dict(n_layer=2, n_head=4, n_embd=64, n_positions=64, vocab_size=VOCAB, bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1)
+
+
+@pytest.fixture(scope="module")
+def gpt2_and_ours():
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(**TINY)).eval()
+    ours = MiniGPTForCausalLM.from_gpt2(gpt2).eval()
+    return gpt2, ours
+
+
+def tiny_model(**overrides):
+    torch.manual_seed(0)
+    return MiniGPTForCausalLM(MiniGPTConfig(**{**TINY, **overrides})).eval()
+
+
+def test_from_gpt2_logits_loss_and_greedy_tokens_match_transformers(gpt2_and_ours):
+    gpt2, ours = gpt2_and_ours
+    x = torch.randint(0, VOCAB, (3, 40), generator=torch.Generator().manual_seed(1))
+    labels = x.clone()
+    labels[0, :10] = -100  # ignored positions must be ignored the same way
+    with torch.no_grad():
+        theirs, mine = gpt2(x, labels=labels), ours(x, labels=labels)
+    torch.testing.assert_close(mine.logits, theirs.logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(mine.loss, theirs.loss, atol=1e-5, rtol=0)
+    prompt = x[:, :8]
+    generate = dict(max_new_tokens=20, do_sample=False, pad_token_id=VOCAB - 1)
+    assert torch.equal(ours.generate(prompt, **generate), gpt2.generate(prompt, **generate))
+
+
+def test_sampling_and_beam_search_match_transformers(gpt2_and_ours):
+    gpt2, ours = gpt2_and_ours
+    prompt = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(2))
+    settings = [
+        dict(do_sample=True, temperature=0.8, top_k=50, top_p=0.9),
+        dict(num_beams=3, do_sample=False),
+    ]
+    for setting in settings:
+        runs = []
+        for model in (gpt2, ours):
+            torch.manual_seed(3)
+            runs.append(model.generate(prompt, max_new_tokens=12, pad_token_id=VOCAB - 1, **setting))
+        assert torch.equal(runs[0], runs[1]), setting
+
+
+def test_generation_with_cache_equals_without(gpt2_and_ours):
+    _, ours = gpt2_and_ours
+    prompt = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(4))
+    kwargs = dict(max_new_tokens=15, do_sample=False, pad_token_id=VOCAB - 1)
+    assert torch.equal(ours.generate(prompt, use_cache=True, **kwargs), ours.generate(prompt, use_cache=False, **kwargs))
+
+
+def test_left_padded_batch_equals_each_prompt_alone(gpt2_and_ours):
+    _, ours = gpt2_and_ours
+    pad = VOCAB - 1
+    prompts = [[5, 17, 250, 3, 42, 9], [77, 8], [301, 302, 303]]
+    width = max(map(len, prompts))
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    batch = ours.generate(input_ids, attention_mask=attention_mask, max_new_tokens=10, do_sample=False, pad_token_id=pad)
+    with torch.no_grad():
+        batch_logits = ours(input_ids, attention_mask=attention_mask).logits
+    for row, prompt in enumerate(prompts):
+        alone = ours.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, pad_token_id=pad)
+        assert batch[row, width:].tolist() == alone[0, len(prompt):].tolist()
+        with torch.no_grad():
+            alone_logits = ours(torch.tensor([prompt])).logits[0]
+        torch.testing.assert_close(batch_logits[row, width - len(prompt):], alone_logits, atol=1e-5, rtol=0)
+
+
+def test_logits_to_keep_returns_the_last_positions(gpt2_and_ours):
+    _, ours = gpt2_and_ours
+    x = torch.randint(0, VOCAB, (2, 12))
+    with torch.no_grad():
+        full = ours(x).logits
+        last = ours(x, logits_to_keep=1).logits
+        with_loss = ours(x, labels=x, logits_to_keep=3)
+    assert last.shape == (2, 1, VOCAB)
+    torch.testing.assert_close(last, full[:, -1:])
+    torch.testing.assert_close(with_loss.logits, full[:, -3:])
+
+
+def test_padded_vocabulary_changes_no_logits_loss_or_samples():
+    plain = tiny_model()
+    padded = tiny_model(pad_vocab_size_multiple=64)
+    assert padded.transformer.wte.weight.shape[0] == 1024 and padded.lm_head.weight.shape[0] == 1024
+    with torch.no_grad():
+        padded.transformer.wte.weight[:VOCAB] = plain.transformer.wte.weight
+        # Large padding rows would win every argmax and soak up probability if they were not masked.
+        padded.transformer.wte.weight[VOCAB:] = 100.0
+        for name, param in plain.named_parameters():
+            if name != "transformer.wte.weight" and name != "lm_head.weight":
+                padded.get_parameter(name).copy_(param)
+    x = torch.randint(0, VOCAB, (2, 30))
+    with torch.no_grad():
+        a, b = plain(x, labels=x), padded(x, labels=x)
+    assert b.logits.shape[-1] == VOCAB
+    torch.testing.assert_close(b.logits, a.logits)
+    torch.testing.assert_close(b.loss, a.loss)
+    torch.manual_seed(0)
+    sampled = padded.generate(x[:, :4], max_new_tokens=40, do_sample=True, temperature=5.0, pad_token_id=VOCAB - 1)
+    assert sampled.max() < VOCAB
+
+
+def test_padded_rows_get_no_gradient():
+    model = tiny_model(pad_vocab_size_multiple=64).train()
+    x = torch.randint(0, VOCAB, (2, 16))
+    model(x, labels=x).loss.backward()
+    grad = model.transformer.wte.weight.grad
+    assert grad[VOCAB:].abs().max() == 0 and grad[:VOCAB].abs().max() > 0
+
+
+def test_too_long_prompt_is_a_clear_error(gpt2_and_ours):
+    _, ours = gpt2_and_ours
+    with pytest.raises(ValueError, match="n_positions=64"):
+        ours(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model().train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        x = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(5))
+        model(x, labels=x).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_compiles_without_graph_breaks_and_matches_eager():
+    model = tiny_model().train()
+    x = torch.randint(0, VOCAB, (2, 16))
+    explanation = torch._dynamo.explain(model)(x, labels=x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    eager = model(x, labels=x).loss
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(x, labels=x).loss
+    torch.testing.assert_close(compiled, eager)
+
+
+def test_gpt2_small_parameter_count():
+    with torch.device("meta"):
+        model = MiniGPTForCausalLM(MiniGPTConfig.from_preset("gpt2"))
+    assert sum(p.numel() for p in model.parameters()) == 124_439_808
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_gpt2_family_presets_have_the_published_sizes():
+    expected = {"gpt2-medium": 354_823_168, "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200}
+    for name, count in expected.items():
+        with torch.device("meta"):
+            model = MiniGPTForCausalLM(MiniGPTConfig.from_preset(name))
+        assert sum(p.numel() for p in model.parameters()) == count, name
