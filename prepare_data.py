@@ -1,0 +1,306 @@
+"""Tokenize a corpus into uint16 token shards for training.
+
+    python prepare_data.py                                   # built-in corpus, GPT-2's tokenizer
+    python prepare_data.py --vocab_size 8192                 # built-in corpus, a BPE trained on it (offline)
+    python prepare_data.py --fineweb_edu --max_tokens 1e9    # the real recipe's data, streamed
+    python prepare_data.py --dataset user/corpus --text_column text
+    python prepare_data.py --files 'books/*.txt'             # also .jsonl / .json / .parquet
+
+Each document is preceded by the end-of-text token. The first `--val_tokens` tokens form the val shard,
+the rest train shards of `--shard_size` tokens. Shards are written under a temporary name and renamed,
+and `progress.json` records where each finished shard ends, so an interrupted run resumes where it
+stopped. `meta.json` (see token_shards.py) is written last: its presence means the directory is complete.
+"""
+
+import argparse
+import ast
+import hashlib
+import json
+import os
+import sys
+import sysconfig
+from itertools import count, islice
+from pathlib import Path
+
+import datasets
+import numpy as np
+from tqdm import tqdm
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from token_shards import META_FILE, ShardError, token_dtype, verify_shards, write_atomically, write_shard
+
+EOT = "<|endoftext|>"
+PROGRESS_FILE = "progress.json"
+TOKENIZER_DIR = "tokenizer"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--fineweb_edu", action="store_true", help="HuggingFaceFW/fineweb-edu, streamed")
+    source.add_argument("--dataset", help="a Hub dataset id, streamed")
+    source.add_argument("--files", nargs="+", help="local .txt/.jsonl/.json/.parquet files or globs")
+    parser.add_argument("--dataset_config", default=None, help="Hub dataset config (fineweb-edu: sample-10BT)")
+    parser.add_argument("--split", default="train", help="Hub dataset split")
+    parser.add_argument("--text_column", default="text")
+    parser.add_argument("--output_dir", default=None, help="default: data/<source name>")
+    parser.add_argument("--tokenizer", default="openai-community/gpt2", help="Hub id or local tokenizer directory")
+    parser.add_argument("--vocab_size", type=int, default=None, help="train a byte-level BPE of this size instead")
+    parser.add_argument("--shard_size", type=float, default=None, help="tokens per shard (default 1e8; 1e6 built-in)")
+    parser.add_argument("--val_tokens", type=float, default=None, help="default: 10%% of a known-size corpus, else a shard")
+    parser.add_argument("--max_tokens", type=float, default=None, help="stop after this many tokens in all")
+    parser.add_argument("--num_proc", type=int, default=os.cpu_count(), help="tokenizer processes")
+    parser.add_argument("--chunk_docs", type=int, default=10_000, help="documents tokenized per batch when streaming")
+    args = parser.parse_args(argv)
+    if args.fineweb_edu:
+        args.dataset, args.dataset_config = "HuggingFaceFW/fineweb-edu", args.dataset_config or "sample-10BT"
+    name = "builtin" if not (args.dataset or args.files) else "files" if args.files else args.dataset.split("/")[-1]
+    args.output_dir = Path(args.output_dir or Path("data") / name)
+    builtin = not (args.dataset or args.files)
+    args.shard_size = int(args.shard_size or (1e6 if builtin else 1e8))
+    for flag in ("shard_size", "val_tokens", "max_tokens", "vocab_size", "num_proc", "chunk_docs"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            parser.error(f"--{flag} must be positive, got {value}")
+    args.max_tokens = None if args.max_tokens is None else int(args.max_tokens)
+    args.val_tokens = None if args.val_tokens is None else int(args.val_tokens)
+    return args
+
+
+# --- the corpus ------------------------------------------------------------------------------------
+
+
+def builtin_documents():
+    """Real English that every Python install carries: the language reference topics that `help()`
+    shows, then the docstrings of each standard-library module (parsed, never imported)."""
+    from pydoc_data.topics import topics
+
+    for name in sorted(topics):
+        yield topics[name]
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(stdlib.rglob("*.py")):
+        parts = path.relative_to(stdlib).parts
+        if parts[0] in ("site-packages", "dist-packages", "idlelib", "lib2to3") or {"test", "tests"} & set(parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue  # a few stdlib files are deliberately not valid source
+        kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+        docstrings = [ast.get_docstring(node) for node in ast.walk(tree) if isinstance(node, kinds)]
+        text = "\n\n".join(d for d in docstrings if d)
+        if text:
+            yield text
+
+
+def load_corpus(args):
+    """A `datasets.Dataset` (known size) or `IterableDataset` (streamed) with a `text` column."""
+    if args.dataset:
+        corpus = datasets.load_dataset(args.dataset, name=args.dataset_config, split=args.split, streaming=True)
+    elif args.files:
+        corpus = load_local_files(args.files)
+    else:
+        return datasets.Dataset.from_dict({"text": list(builtin_documents())})
+    columns = corpus.column_names  # None for some streamed datasets: then the first row tells
+    if columns is not None and args.text_column not in columns:
+        raise ValueError(f"text column {args.text_column!r} not in the corpus (columns: {', '.join(columns)})")
+    corpus = corpus.select_columns([args.text_column])
+    return corpus if args.text_column == "text" else corpus.rename_column(args.text_column, "text")
+
+
+def load_local_files(patterns):
+    from glob import glob
+
+    files = sorted({f for pattern in patterns for f in (glob(pattern, recursive=True) or [pattern])})
+    missing = [f for f in files if not Path(f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"input file(s) not found: {', '.join(missing)}")
+    builders = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+    kinds = {builders.get(Path(f).suffix) for f in files}
+    if None in kinds or len(kinds) > 1:
+        raise ValueError(f"--files must all be one kind of .txt, .jsonl/.json or .parquet; got {files}")
+    builder = kinds.pop()
+    options = {"sample_by": "document"} if builder == "text" else {}  # a .txt file is one document
+    return datasets.load_dataset(builder, data_files=files, split="train", **options)
+
+
+# --- the tokenizer ---------------------------------------------------------------------------------
+
+
+def load_tokenizer(args, corpus) -> PreTrainedTokenizerFast:
+    if args.vocab_size is None:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        except OSError as error:
+            raise ValueError(
+                f"cannot load tokenizer {args.tokenizer!r} ({error.__class__.__name__}); offline, pass a local "
+                f"directory (e.g. ../shared/data/gpt2-tokenizer) or --vocab_size N to train one on the corpus"
+            ) from None
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer {args.tokenizer!r} has no end-of-text (eos) token to separate documents")
+        return tokenizer
+    from tokenizers import ByteLevelBPETokenizer
+
+    texts = corpus["text"] if isinstance(corpus, datasets.Dataset) else (r["text"] for r in corpus.take(100_000))
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=args.vocab_size, special_tokens=[EOT], show_progress=False)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=EOT, eos_token=EOT, unk_token=EOT)
+
+
+def tokenizer_sha256(tokenizer) -> str:
+    """Fingerprint of the vocabulary and merges, to catch shards made with another tokenizer."""
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
+
+
+def encode_batch(batch, tokenizer, eot_token_id):
+    ids = tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]  # no length warning
+    return {"ids": [[eot_token_id] + doc for doc in ids]}
+
+
+# --- tokenizing and writing ------------------------------------------------------------------------
+
+
+def tokenized_documents(corpus, tokenizer, args, skip_docs):
+    """Token arrays per document, in corpus order whatever `num_proc` is."""
+    encode = dict(function=encode_batch, batched=True, remove_columns=["text"])
+    encode["fn_kwargs"] = dict(tokenizer=tokenizer, eot_token_id=tokenizer.eos_token_id)
+    if isinstance(corpus, datasets.Dataset):
+        corpus = corpus.select(range(skip_docs, len(corpus)))
+        corpus = corpus.map(**encode, num_proc=min(args.num_proc, max(len(corpus), 1)))
+        for batch in corpus.with_format("numpy").iter(batch_size=1000):
+            yield from batch["ids"]
+        return
+    texts = (row["text"] for row in corpus.skip(skip_docs))
+    while chunk := list(islice(texts, args.chunk_docs)):
+        chunk = datasets.Dataset.from_dict({"text": chunk})
+        yield from chunk.map(**encode, num_proc=min(args.num_proc, len(chunk))).with_format("numpy")["ids"]
+
+
+def plan_val_tokens(args, corpus, tokenizer) -> int:
+    if args.val_tokens is not None:
+        return args.val_tokens
+    if args.max_tokens is not None:
+        return min(args.shard_size, args.max_tokens // 10)
+    if isinstance(corpus, datasets.Dataset):  # known size: count it (cached by datasets, or small)
+        total = sum(len(ids) for ids in tokenized_documents(corpus, tokenizer, args, 0))
+        return min(args.shard_size, total // 10)
+    return args.shard_size
+
+
+def settings_of(args, tokenizer, val_tokens) -> dict:
+    """What must not change between an interrupted run and its resumption."""
+    return {
+        "source": args.dataset or ("files:" + ",".join(args.files) if args.files else "builtin"),
+        "dataset_config": args.dataset_config,
+        "split": args.split,
+        "text_column": args.text_column,
+        "tokenizer_sha256": tokenizer_sha256(tokenizer),
+        "shard_size": args.shard_size,
+        "val_tokens": val_tokens,
+        "max_tokens": args.max_tokens,
+    }
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = args.output_dir
+    corpus = load_corpus(args)
+    if isinstance(corpus, datasets.Dataset):
+        corpus = corpus.filter(lambda row: bool(row["text"] and row["text"].strip()))
+        if len(corpus) == 0:
+            raise ValueError("the corpus is empty after dropping empty documents")
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer_dir = out / TOKENIZER_DIR
+    if args.vocab_size is not None and (tokenizer_dir / "tokenizer.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)  # resuming: BPE training is not bitwise stable
+    else:
+        tokenizer = load_tokenizer(args, corpus)
+    vocab_size, eot = len(tokenizer), tokenizer.eos_token_id
+    dtype = token_dtype(vocab_size)
+    val_tokens = plan_val_tokens(args, corpus, tokenizer)
+    settings = settings_of(args, tokenizer, val_tokens)
+
+    progress_path = out / PROGRESS_FILE
+    progress = json.loads(progress_path.read_text()) if progress_path.exists() else None
+    if progress is not None and progress["settings"] != settings:
+        changed = [k for k in settings if progress["settings"].get(k) != settings[k]]
+        raise ValueError(f"{out} holds a run with other settings ({', '.join(changed)}); use another --output_dir")
+    progress = progress or {"settings": settings, "shards": []}
+    if (out / META_FILE).exists():
+        verify_shards(out, json.loads((out / META_FILE).read_text()), checksums=True)
+        print(f"{out} is complete; nothing to do")
+        return out
+    for shard in progress["shards"]:  # finished shards are kept only if intact
+        verify_shards(out, {"shards": [shard], "vocab_size": vocab_size}, checksums=True)
+    tokenizer.save_pretrained(tokenizer_dir)
+
+    def shard_plan():
+        """(split, file, capacity) of each shard still to write: the val shard first, then train shards."""
+        val_shards = 1 if val_tokens > 0 else 0
+        for index in count(len(progress["shards"])):
+            if index < val_shards:
+                yield "val", "val_000000.bin", val_tokens
+            else:
+                yield "train", f"train_{index - val_shards:06d}.bin", args.shard_size
+
+    written = sum(s["tokens"] for s in progress["shards"])
+    budget = None if args.max_tokens is None else args.max_tokens - written
+    plan = shard_plan()
+    split, name, capacity = next(plan)
+    buffer, filled = np.empty(capacity, dtype=dtype), 0
+    bar = tqdm(total=args.max_tokens, initial=written, unit="tok", unit_scale=True, desc=f"tokenizing -> {out}")
+
+    def finish_shard(doc_index, doc_offset):
+        nonlocal split, name, capacity, buffer, filled
+        sha = write_shard(out / name, buffer[:filled])
+        # Where the next shard starts: a resumed run skips end_doc documents and end_offset tokens.
+        record = {"file": name, "split": split, "tokens": int(filled), "sha256": sha, "end_doc": doc_index}
+        progress["shards"].append({**record, "end_offset": int(doc_offset)})
+        write_atomically(progress_path, lambda f: f.write(json.dumps(progress, indent=1).encode()))
+        split, name, capacity = next(plan)
+        buffer, filled = np.empty(capacity, dtype=dtype), 0
+
+    last = progress["shards"][-1] if progress["shards"] else {"end_doc": 0, "end_offset": 0}
+    doc_index, skip = last["end_doc"], last["end_offset"]
+    for doc_index, ids in enumerate(tokenized_documents(corpus, tokenizer, args, last["end_doc"]), doc_index):
+        position, skip = skip, 0  # only the first document after a resume was partly written
+        if budget is not None:
+            ids = ids[: position + budget]
+        while position < len(ids):
+            take = min(len(ids) - position, capacity - filled)
+            buffer[filled : filled + take] = ids[position : position + take]
+            filled, position = filled + take, position + take
+            bar.update(take)
+            if budget is not None:
+                budget -= take
+            if filled == capacity:
+                finish_shard(*((doc_index, position) if position < len(ids) else (doc_index + 1, 0)))
+        if budget == 0:
+            break
+    if filled:
+        finish_shard(doc_index + 1, 0)
+    bar.close()
+
+    if not any(s["split"] == "train" for s in progress["shards"]):
+        raise ValueError(f"the corpus yielded only {written + filled} tokens: none left for training after --val_tokens")
+    meta = {
+        "format_version": 1,
+        **settings,
+        "tokenizer": args.tokenizer if args.vocab_size is None else f"byte-level BPE trained here ({vocab_size})",
+        "vocab_size": vocab_size,
+        "eot_token_id": eot,
+        "dtype": dtype.name,
+        "tokens": {s: sum(x["tokens"] for x in progress["shards"] if x["split"] == s) for s in ("train", "val")},
+        "shards": progress["shards"],
+        "python": sys.version.split()[0],
+    }
+    write_atomically(out / META_FILE, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    print(f"wrote {meta['tokens']['train']:,} train and {meta['tokens']['val']:,} val tokens to {out}")
+    return out
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, ShardError) as error:
+        sys.exit(f"prepare_data.py: error: {error}")

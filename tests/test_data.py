@@ -1,0 +1,235 @@
+"""prepare_data.py and the shard reader, on real text (the built-in corpus) and real files."""
+
+import json
+import shutil
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import prepare_data
+from token_shards import (
+    HEADER_BYTES,
+    ShardedTokens,
+    ShardError,
+    open_shard,
+    read_meta,
+    token_dtype,
+    verify_shards,
+    write_shard,
+)
+
+
+@pytest.fixture(scope="module")
+def documents():
+    return list(islice(prepare_data.builtin_documents(), 120))
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(gpt2_tokenizer, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tokenizer")
+    gpt2_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus_file(documents, tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(documents)))
+    return path
+
+
+def prepare(corpus_file, tokenizer_dir, out, *extra):
+    return prepare_data.main(
+        ["--files", str(corpus_file), "--tokenizer", str(tokenizer_dir), "--output_dir", str(out),
+         "--shard_size", "20000", "--val_tokens", "5000", "--num_proc", "1", *extra]
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def prepared(corpus_file, tokenizer_dir, tmp_path_factory):
+    return prepare(corpus_file, tokenizer_dir, tmp_path_factory.mktemp("out") / "shards")
+
+
+def all_tokens(out):
+    meta = read_meta(out)
+    return np.concatenate([open_shard(out / s["file"], s["tokens"]) for s in meta["shards"]])
+
+
+def test_round_trip_tokens_are_the_tokenizer_output_with_eot_between_documents(prepared, documents, gpt2_tokenizer):
+    eot = gpt2_tokenizer.eos_token_id
+    expected = np.concatenate([[eot] + gpt2_tokenizer(d, add_special_tokens=False)["input_ids"] for d in documents])
+    assert all_tokens(prepared).tolist() == expected.tolist()
+    meta = read_meta(prepared)
+    assert [s["split"] for s in meta["shards"]] == ["val"] + ["train"] * (len(meta["shards"]) - 1)
+    assert meta["shards"][0]["tokens"] == 5000 and meta["shards"][1]["tokens"] == 20000
+    assert meta["vocab_size"] == len(gpt2_tokenizer) and meta["eot_token_id"] == eot and meta["dtype"] == "uint16"
+    verify_shards(prepared, meta, checksums=True)
+    assert (prepared / "tokenizer" / "tokenizer.json").exists()
+
+
+def test_two_processes_write_identical_shards(prepared, corpus_file, tokenizer_dir, tmp_path):
+    two = prepare(corpus_file, tokenizer_dir, tmp_path / "two", "--num_proc", "2")
+    assert [s["sha256"] for s in read_meta(two)["shards"]] == [s["sha256"] for s in read_meta(prepared)["shards"]]
+
+
+def test_an_interrupted_run_resumes_to_the_same_output(prepared, corpus_file, tokenizer_dir, tmp_path):
+    # What a crash after two finished shards leaves: their files, progress.json naming them, a
+    # half-written temporary file, and no meta.json.
+    out = tmp_path / "resumed"
+    shutil.copytree(prepared, out)
+    progress = json.loads((out / "progress.json").read_text())
+    for shard in progress["shards"][2:]:
+        (out / shard["file"]).unlink()
+    next_file = progress["shards"][2]["file"]
+    progress["shards"] = progress["shards"][:2]
+    (out / "progress.json").write_text(json.dumps(progress))
+    (out / "meta.json").unlink()
+    (out / (next_file + ".tmp")).write_bytes(b"partial")
+    with pytest.raises(ShardError, match="meta.json is missing"):
+        read_meta(out)  # an unfinished directory is never mistaken for a finished one
+    prepare(corpus_file, tokenizer_dir, out)
+    assert read_meta(out)["shards"] == read_meta(prepared)["shards"]
+
+
+def test_rerunning_a_finished_directory_does_nothing(prepared, corpus_file, tokenizer_dir, capsys):
+    prepare(corpus_file, tokenizer_dir, prepared)
+    assert "is complete" in capsys.readouterr().out
+
+
+def test_resuming_with_other_settings_is_refused(prepared, corpus_file, tokenizer_dir):
+    with pytest.raises(ValueError, match="other settings \\(shard_size\\)"):
+        prepare(corpus_file, tokenizer_dir, prepared, "--shard_size", "30000")
+
+
+def test_trained_bpe_and_max_tokens(corpus_file, tmp_path):
+    out = prepare_data.main(["--files", str(corpus_file), "--vocab_size", "300", "--max_tokens", "12000",
+                             "--output_dir", str(tmp_path / "bpe"), "--num_proc", "1"])  # fmt: skip
+    meta = read_meta(out)
+    assert meta["vocab_size"] == 300 and meta["tokens"]["train"] + meta["tokens"]["val"] == 12000
+    assert meta["tokens"]["val"] == 1200  # 10% of a known size
+    assert all_tokens(out).max() < 300
+
+
+def test_builtin_corpus_is_megabytes_of_real_english():
+    docs = list(prepare_data.builtin_documents())
+    assert sum(map(len, docs)) > 1_500_000
+    assert any('The "if" statement is used for conditional execution' in d for d in docs)
+
+
+# --- the reader ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def counting(tmp_path_factory):
+    """Three train shards of distinct counting tokens (of unequal length): a window's first token names it."""
+    out = tmp_path_factory.mktemp("counting")
+    shards, start = [], 0
+    for i, length in enumerate([3300, 2100, 4000]):
+        tokens = np.arange(start, start + length, dtype=np.uint16)
+        sha = write_shard(out / f"train_{i:06d}.bin", tokens)
+        shards.append({"file": f"train_{i:06d}.bin", "split": "train", "tokens": length, "sha256": sha})
+        start += length
+    meta = {"vocab_size": 65536, "eot_token_id": 0, "tokenizer_sha256": "-", "shards": shards}
+    (out / "meta.json").write_text(json.dumps(meta))
+    return out
+
+
+def windows_seen(reader, batches):
+    return [int(row[0]) for _ in range(batches) for row in next(reader)]
+
+
+def test_ranks_are_disjoint_and_together_cover_every_window_once(counting):
+    single = ShardedTokens(counting, "train", batch_size=4, seq_len=32)
+    per_epoch = sum(single.windows_per_shard)
+    assert per_epoch == 3299 // 32 + 2099 // 32 + 3999 // 32
+    ranks = [ShardedTokens(counting, "train", batch_size=2, seq_len=32, rank=r, world_size=2) for r in range(2)]
+    steps = per_epoch // 4
+    seen = [windows_seen(reader, steps) for reader in ranks]
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == sorted(windows_seen(single, steps))
+    every_window = {start + 32 * w for start, n in [(0, 3300), (3300, 2100), (5400, 4000)] for w in range((n - 1) // 32)}
+    first_epoch = ShardedTokens(counting, "train", batch_size=1, seq_len=32)
+    assert sorted(windows_seen(first_epoch, per_epoch)) == sorted(every_window)
+
+
+def test_windows_are_t_plus_one_tokens_of_the_shards(prepared):
+    reader = ShardedTokens(prepared, "val", batch_size=3, seq_len=16, shuffle=False)
+    val = open_shard(prepared / "val_000000.bin")
+    batch = next(reader)
+    assert batch.shape == (3, 17)
+    assert batch[1].tolist() == val[16:33].tolist()
+
+
+def test_shuffling_is_seeded_and_differs_between_epochs(counting):
+    a, b, c = (ShardedTokens(counting, "train", batch_size=1, seq_len=64, seed=s) for s in (1, 1, 2))
+    per_epoch = sum(a.windows_per_shard)
+    first = windows_seen(a, per_epoch)
+    assert first == windows_seen(b, per_epoch) and first != windows_seen(c, per_epoch)
+    assert first != sorted(first)  # shuffled within shards, not just across them
+    second = windows_seen(a, per_epoch)
+    assert second != first and sorted(second) == sorted(first)  # epoch 2: another order of the same windows
+
+
+def test_reader_state_resumes_the_exact_stream_across_epochs(counting):
+    reader = ShardedTokens(counting, "train", batch_size=8, seq_len=32)
+    windows_seen(reader, 30)
+    state = reader.state_dict()
+    expected = windows_seen(reader, 20)  # crosses into the second epoch (287 windows per epoch)
+    resumed = ShardedTokens(counting, "train", batch_size=8, seq_len=32)
+    resumed.load_state_dict(state)
+    assert windows_seen(resumed, 20) == expected
+    with pytest.raises(ShardError, match="seed"):
+        ShardedTokens(counting, "train", batch_size=2, seq_len=32, seed=9).load_state_dict(state)
+
+
+# --- bad input -------------------------------------------------------------------------------------
+
+
+def test_missing_input_file(tokenizer_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.txt"):
+        prepare(tmp_path / "nope.txt", tokenizer_dir, tmp_path / "out")
+
+
+def test_empty_corpus(tokenizer_dir, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"text": "   "}) + "\n")
+    with pytest.raises(ValueError, match="empty"):
+        prepare(empty, tokenizer_dir, tmp_path / "out")
+
+
+def test_missing_text_column(corpus_file, tokenizer_dir, tmp_path):
+    with pytest.raises(ValueError, match="text column 'body' not in the corpus"):
+        prepare(corpus_file, tokenizer_dir, tmp_path / "out", "--text_column", "body")
+
+
+def test_damaged_shards_are_named(prepared, tmp_path):
+    out = tmp_path / "damaged"
+    shutil.copytree(prepared, out)
+    meta = read_meta(out)
+    shard = out / "train_000000.bin"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-10])
+    with pytest.raises(ShardError, match="train_000000.bin is truncated or corrupt"):
+        ShardedTokens(out, "train", batch_size=1, seq_len=8)
+    reordered = np.frombuffer(data[HEADER_BYTES:], dtype=np.uint16)[::-1]  # every id still valid
+    shard.write_bytes(data[:HEADER_BYTES] + reordered.tobytes())
+    with pytest.raises(ShardError, match="does not match the sha256"):
+        verify_shards(out, meta, checksums=True)
+    shard.write_bytes(data)
+    meta["shards"][1]["tokens"] += 1
+    (out / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ShardError, match="holds 20000 tokens but meta.json says 20001"):
+        ShardedTokens(out, "train", batch_size=1, seq_len=8)
+    (out / "meta.json").write_text("{not json")
+    with pytest.raises(ShardError, match="not valid JSON"):
+        read_meta(out)
+    with pytest.raises(ShardError, match="does not exist"):
+        read_meta(tmp_path / "nowhere")
+
+
+def test_vocabulary_too_large_for_the_dtype():
+    assert token_dtype(50257) == np.uint16 and token_dtype(70000) == np.uint32
+    with pytest.raises(ShardError, match="does not fit"):
+        token_dtype(2**33)
