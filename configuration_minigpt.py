@@ -6,12 +6,12 @@ installed packages.
 
 from transformers import PretrainedConfig
 
-# The GPT-2 family as released by OpenAI, plus small sizes that train on a laptop CPU.
+# The GPT-2 family by size (OpenAI's gpt2, gpt2-medium, -large, -xl), plus sizes for a laptop CPU.
 PRESETS = {
-    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
-    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
-    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
-    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+    "124M": dict(n_layer=12, n_head=12, n_embd=768),
+    "350M": dict(n_layer=24, n_head=16, n_embd=1024),
+    "774M": dict(n_layer=36, n_head=20, n_embd=1280),
+    "1558M": dict(n_layer=48, n_head=25, n_embd=1600),
     # CPU quick start: GPT-2's vocabulary and tokenizer, a few million non-embedding parameters.
     "small": dict(n_layer=6, n_head=6, n_embd=384, n_positions=256),
     # Unit tests: seconds on one core.
@@ -94,7 +94,7 @@ class MiniGPTConfig(PretrainedConfig):
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "MiniGPTConfig":
-        """A config from a preset name (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`, `small`, `tiny`)."""
+        """A config from a preset name (`124M`, `350M`, `774M`, `1558M`, `small`, `tiny`)."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})

@@ -192,14 +192,16 @@ def _padding_causal_mask(attention_mask, past_length, T):
     return (causal & is_real_key) | (key_positions == query_positions)
 
 
-def causal_lm_loss(logits, labels, num_items_in_batch=None):
+def causal_lm_loss(logits, labels=None, shift_labels=None, num_items_in_batch=None):
     """Next-token cross-entropy, positions labelled -100 ignored.
 
-    The labels are shifted instead of the logits: slicing the (B, T, V) logits would copy them.
-    `num_items_in_batch` (the label count over all accumulated micro-batches) makes gradient
-    accumulation average over tokens rather than over micro-batches, as transformers' Trainer expects.
+    `labels` are aligned with the inputs and shifted here; `shift_labels` are already the next tokens
+    (training on (T + 1)-token windows predicts all T positions). Shifting the labels instead of the
+    logits avoids copying the (B, T, V) logits. `num_items_in_batch` (the label count over all
+    accumulated micro-batches) averages over tokens rather than micro-batches, as transformers' Trainer expects.
     """
-    targets = F.pad(labels[:, 1:], (0, 1), value=-100).to(logits.device)
+    targets = shift_labels if shift_labels is not None else F.pad(labels[:, 1:], (0, 1), value=-100)
+    targets = targets.to(logits.device)
     reduction = "mean" if num_items_in_batch is None else "sum"
     loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction=reduction)
     return loss if num_items_in_batch is None else loss / num_items_in_batch
@@ -232,11 +234,14 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
         labels=None,
         use_cache=None,
         logits_to_keep=0,
+        shift_labels=None,
         num_items_in_batch=None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """`labels` are the inputs themselves (shifted inside). `logits_to_keep`: an int keeps the last
-        that many positions (0 keeps all; generate asks for 1), a tensor selects positions."""
+        """`labels` are the inputs themselves (shifted inside), or `shift_labels` the next tokens.
+        `logits_to_keep`: an int keeps the last that many positions (0 keeps all; generate asks for 1),
+        a tensor selects positions."""
+        wants_loss = labels is not None or shift_labels is not None
         outputs = self.transformer(
             input_ids,
             attention_mask=attention_mask,
@@ -246,7 +251,7 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
         )
         hidden_states = outputs.last_hidden_state
-        if labels is None:  # the loss needs every position; inference rarely does
+        if not wants_loss:  # the loss needs every position; inference rarely does
             positions = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             hidden_states = hidden_states[:, positions]
         logits = self.lm_head(hidden_states)  # (B, T, padded_vocab_size)
@@ -254,8 +259,8 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
         if logits.shape[-1] > vocab_size:
             # Padding rows exist only for matmul shapes: -inf keeps them out of softmax, loss and sampling.
             logits[..., vocab_size:] = float("-inf")
-        loss = None if labels is None else causal_lm_loss(logits, labels, num_items_in_batch)
-        if labels is not None and logits_to_keep:
+        loss = causal_lm_loss(logits, labels, shift_labels, num_items_in_batch) if wants_loss else None
+        if wants_loss and logits_to_keep:
             logits = logits[:, -logits_to_keep:] if isinstance(logits_to_keep, int) else logits[:, logits_to_keep]
         return CausalLMOutputWithPast(
             loss=loss, logits=logits[..., :vocab_size], past_key_values=outputs.past_key_values

@@ -44,8 +44,8 @@ def test_every_problem_is_reported_at_once():
 
 
 def test_presets_by_name_with_overrides():
-    assert set(PRESETS) >= {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "tiny"}
-    config = MiniGPTConfig.from_preset("gpt2-medium", n_positions=512)
+    assert set(PRESETS) >= {"124M", "350M", "774M", "1558M", "small", "tiny"}
+    config = MiniGPTConfig.from_preset("350M", n_positions=512)
     assert (config.n_layer, config.n_head, config.n_embd, config.n_positions) == (24, 16, 1024, 512)
-    with pytest.raises(ValueError, match="unknown preset 'gpt3'"):
-        MiniGPTConfig.from_preset("gpt3")
+    with pytest.raises(ValueError, match="unknown preset 'gpt2-medium'"):
+        MiniGPTConfig.from_preset("gpt2-medium")

@@ -1,0 +1,130 @@
+"""train_accelerate.py as users run it: real processes, real DDP (gloo on CPU), real files."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import prepare_data
+from conftest import REPO
+
+TRAIN = [sys.executable, str(REPO / "train_accelerate.py")]
+TINY_RUN = ["--model", "tiny", "--seq_len", "32", "--per_device_train_batch_size", "4", "--learning_rate", "3e-3",
+            "--num_warmup_steps", "3", "--eval_steps", "0", "--eval_iters", "2", "--sample_prompt", "def"]  # fmt: skip
+
+
+def environment(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "PYTHONPATH"))}
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+def run(command, cwd, **extra_env):
+    result = subprocess.run(command, cwd=cwd, env=environment(**extra_env), capture_output=True, text=True)
+    return result
+
+
+def losses(output_dir):
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [row["loss"] for row in rows], [row["step"] for row in rows]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "builtin"
+    prepare_data.main(["--vocab_size", "512", "--max_tokens", "120000", "--shard_size", "40000",
+                       "--output_dir", str(out), "--num_proc", "1"])  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory):
+    """Reference run: 12 steps, checkpoints every 4."""
+    out = tmp_path_factory.mktemp("runs") / "uninterrupted"
+    result = run([*TRAIN, *TINY_RUN, "--data_dir", str(data_dir), "--output_dir", str(out), "--max_train_steps", "12",
+                  "--checkpointing_steps", "4"], cwd=out.parent)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_a_tiny_run_learns_and_exports_a_loadable_model(uninterrupted, data_dir):
+    loss, steps = losses(uninterrupted)
+    assert steps == list(range(12))
+    assert loss[-1] < loss[0] - 0.5, loss
+    final = uninterrupted / "final"
+    assert {"model.safetensors", "modeling_minigpt.py", "tokenizer.json", "generation_config.json", "README.md"} <= set(os.listdir(final))
+    assert (uninterrupted / "loss.png").stat().st_size > 0
+    from transformers import AutoModelForCausalLM, pipeline
+
+    model = AutoModelForCausalLM.from_pretrained(final, trust_remote_code=True)
+    assert type(model).__module__.startswith("transformers_modules")
+    [out] = pipeline("text-generation", model=model, tokenizer=str(final))("def", max_new_tokens=5)
+    assert out["generated_text"].startswith("def")
+    card = (final / "README.md").read_text()
+    assert "final val loss" in card and "12 steps" in card
+    checkpoints = sorted(os.listdir(uninterrupted / "checkpoints"))
+    assert checkpoints == ["kept.json", "latest", "step_12", "step_8"]  # the last two are kept
+
+
+def test_two_process_ddp_equals_one_process_with_twice_the_accumulation(data_dir, tmp_path):
+    common = [*TINY_RUN, "--data_dir", str(data_dir), "--max_train_steps", "6", "--checkpointing_steps", "0"]
+    one = run([*TRAIN, *common, "--output_dir", str(tmp_path / "one"), "--gradient_accumulation_steps", "2"], tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533"]  # fmt: skip
+    two = run([*launch, str(REPO / "train_accelerate.py"), *common, "--output_dir", str(tmp_path / "two")], tmp_path,
+              ACCELERATE_USE_CPU="true")  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 processes x 1 accumulation" in two.stdout + two.stderr
+    torch.testing.assert_close(losses(tmp_path / "two")[0], losses(tmp_path / "one")[0], rtol=1e-5, atol=1e-6)
+
+
+def test_sigkill_then_resume_latest_reproduces_the_uninterrupted_losses(uninterrupted, data_dir, tmp_path):
+    out = tmp_path / "killed"
+    command = [*TRAIN, *TINY_RUN, "--data_dir", str(data_dir), "--output_dir", str(out), "--max_train_steps", "12",
+               "--checkpointing_steps", "4"]  # fmt: skip
+    process = subprocess.Popen(command, cwd=tmp_path, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "checkpoints" / "latest").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 6:
+        assert process.poll() is None and time.time() < deadline, "the run ended before it could be interrupted"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    # A crash in the middle of a save leaves a temporary directory: it must never be resumed from.
+    shutil.copytree(out / "checkpoints" / "step_4", out / "checkpoints" / "step_8.tmp")
+    (out / "checkpoints" / "step_8.tmp" / "model.safetensors").write_bytes(b"half")
+    resumed = run([*command, "--resume_from_checkpoint", "latest"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    loss, steps = losses(out)
+    assert steps == list(range(12))
+    assert loss == losses(uninterrupted)[0]  # bitwise: same process count, CPU
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--data_dir", "no/such/dir"], "data directory no/such/dir does not exist"),
+        (["--total_batch_size", "1000"], "--total_batch_size 1000 is not a multiple of"),
+        (["--model", "MODEL_DIR"], "vocabulary mismatch: the model has vocab_size=1000"),
+        (["--resume_from_checkpoint", "CHECKPOINT", "--model", "small"], "cannot resume"),
+        (["--resume_from_checkpoint", "latest"], "no complete checkpoint"),
+    ],
+)
+def test_mistakes_end_in_one_clear_error_before_any_step(extra, message, data_dir, uninterrupted, tmp_path):
+    from configuration_minigpt import MiniGPTConfig
+
+    MiniGPTConfig.from_preset("tiny", vocab_size=1000).save_pretrained(tmp_path / "model_dir")
+    extra = [e.replace("MODEL_DIR", str(tmp_path / "model_dir")) for e in extra]
+    extra = [e.replace("CHECKPOINT", str(uninterrupted / "checkpoints" / "step_12")) for e in extra]
+    out = tmp_path / "run"
+    result = run([*TRAIN, *TINY_RUN, "--data_dir", str(data_dir), "--output_dir", str(out), *extra], tmp_path)
+    assert result.returncode == 1
+    assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert not (out / "metrics.jsonl").exists()

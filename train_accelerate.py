@@ -1,0 +1,450 @@
+"""Train MiniGPT with a hand-written Accelerate loop.
+
+    python prepare_data.py --vocab_size 8192 && python train_accelerate.py          # CPU quick start
+    accelerate launch --config_file accelerate_configs/8xa100.yaml train_accelerate.py \\
+        --data_dir data/fineweb-edu --model 124M --total_batch_size 524288 \\
+        --per_device_train_batch_size 64 --seq_len 1024 --max_train_steps 19073 --num_warmup_steps 715
+
+One optimizer step sees `--total_batch_size` tokens: micro-batches of `--per_device_train_batch_size`
+windows per process, accumulated (DDP syncs only on the last micro-step). AdamW with decay on 2-D
+weights, clipping, linear warmup then cosine to 10% of the peak, as GPT-3. Checkpoints hold model,
+optimizer, every process's RNG, the step and the data position, so a resumed run continues exactly.
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm import tqdm
+from transformers import AutoTokenizer, GenerationConfig
+
+from configuration_minigpt import PRESETS, MiniGPTConfig
+from modeling_minigpt import MiniGPTForCausalLM
+from token_shards import ShardedTokens, ShardError, read_meta
+
+OPENAI_GPT2 = {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"}  # `--model` names for OpenAI's weights
+LATEST = "latest"  # file naming the newest complete checkpoint
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per GPU, for MFU
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data_dir", default="data/builtin", help="output of prepare_data.py")
+    p.add_argument("--model", default="small",
+                   help=f"a preset ({', '.join(PRESETS)}), a config/checkpoint path, or gpt2[-medium|-large|-xl] "
+                        "(OpenAI's weights; a local GPT-2 directory works too with --from_gpt2)")  # fmt: skip
+    p.add_argument("--from_gpt2", action="store_true", help="--model is a GPT2LMHeadModel directory or Hub id")
+    p.add_argument("--pad_vocab_size_multiple", type=int, default=64, help="for new models: 50257 -> 50304")
+    p.add_argument("--output_dir", default="runs/minigpt")
+    p.add_argument("--seq_len", type=int, default=None, help="tokens per window (default: the model's context)")
+    p.add_argument("--per_device_train_batch_size", type=int, default=16)
+    p.add_argument("--total_batch_size", type=int, default=None,
+                   help="tokens per optimizer step (524288 for the 124M recipe); sets the accumulation")  # fmt: skip
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1, help="used when no --total_batch_size")
+    p.add_argument("--learning_rate", type=float, default=1e-3, help="peak (6e-4 for the 124M recipe)")
+    p.add_argument("--min_lr_ratio", type=float, default=0.1, help="cosine floor, as a fraction of the peak")
+    p.add_argument("--weight_decay", type=float, default=0.1)
+    p.add_argument("--max_grad_norm", type=float, default=1.0)
+    p.add_argument("--num_warmup_steps", type=int, default=15)
+    p.add_argument("--max_train_steps", type=int, default=150)
+    p.add_argument("--eval_steps", type=int, default=50, help="val loss and samples every N steps (0: only at the end)")
+    p.add_argument("--eval_iters", type=int, default=20, help="val batches per evaluation")
+    p.add_argument("--sample_prompt", default="The", help="prompt for the generated samples")
+    p.add_argument("--checkpointing_steps", type=int, default=50, help="0: no checkpoints")
+    p.add_argument("--checkpoints_total_limit", type=int, default=2, help="keep the last K checkpoints")
+    p.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint directory, or 'latest'")
+    p.add_argument("--with_tracking", action="store_true")
+    p.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, all, ... (with --with_tracking)")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    p.add_argument("--push_to_hub", action="store_true")
+    p.add_argument("--hub_model_id", default=None)
+    args = p.parse_args(argv)
+    positive = ["per_device_train_batch_size", "gradient_accumulation_steps", "max_train_steps", "eval_iters"]
+    problems = [f"--{name} must be positive, got {getattr(args, name)}" for name in positive if getattr(args, name) <= 0]
+    problems += [f"--{n} must be >= 0" for n in ("num_warmup_steps", "eval_steps", "checkpointing_steps") if getattr(args, n) < 0]
+    if args.push_to_hub and not args.hub_model_id:
+        problems.append("--push_to_hub needs --hub_model_id")
+    if problems:
+        p.error("; ".join(problems))
+    args.output_dir = Path(args.output_dir)
+    return args
+
+
+# --- model and data --------------------------------------------------------------------------------
+
+
+def build_model(args, meta) -> MiniGPTForCausalLM:
+    """The model `--model` names, checked against the data's tokenizer before any step."""
+    vocab, eot = meta["vocab_size"], meta["eot_token_id"]
+    source = Path(args.model)
+    if args.model in PRESETS:
+        config = MiniGPTConfig.from_preset(args.model, vocab_size=vocab, bos_token_id=eot, eos_token_id=eot,
+                                           pad_vocab_size_multiple=args.pad_vocab_size_multiple)  # fmt: skip
+        return MiniGPTForCausalLM(config)
+    if args.from_gpt2 or args.model in OPENAI_GPT2:
+        model = MiniGPTForCausalLM.from_gpt2(f"openai-community/{args.model}" if args.model in OPENAI_GPT2 else args.model)
+    elif source.is_file():  # a config.json: a new model of that shape
+        model = MiniGPTForCausalLM(MiniGPTConfig.from_json_file(source))
+    elif (source / "config.json").exists():
+        has_weights = any(source.glob("*.safetensors"))
+        model = MiniGPTForCausalLM.from_pretrained(source) if has_weights else MiniGPTForCausalLM(MiniGPTConfig.from_pretrained(source))
+        tokenizer_file = source / "tokenizer.json"
+        if has_weights and tokenizer_file.exists():
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            from prepare_data import tokenizer_sha256
+
+            if tokenizer_sha256(tokenizer) != meta["tokenizer_sha256"]:
+                raise ValueError(f"{args.data_dir} was tokenized with another tokenizer than the model {source} was trained with")
+    else:
+        raise ValueError(f"--model {args.model!r} is neither a preset ({', '.join(PRESETS)}), gpt2*, nor a config/checkpoint path")
+    if model.config.vocab_size != vocab:
+        raise ValueError(
+            f"vocabulary mismatch: the model has vocab_size={model.config.vocab_size}, {args.data_dir} was "
+            f"tokenized with {vocab} tokens; prepare the data with the model's tokenizer"
+        )
+    return model
+
+
+def accumulation_steps(args, world_size, seq_len) -> int:
+    if args.total_batch_size is None:
+        return args.gradient_accumulation_steps
+    tokens_per_micro_step = args.per_device_train_batch_size * seq_len * world_size
+    if args.total_batch_size % tokens_per_micro_step:
+        raise ValueError(
+            f"--total_batch_size {args.total_batch_size} is not a multiple of per_device_train_batch_size "
+            f"{args.per_device_train_batch_size} x seq_len {seq_len} x {world_size} processes = {tokens_per_micro_step}"
+        )
+    return args.total_batch_size // tokens_per_micro_step
+
+
+def configure_optimizer(model, args, device_type):
+    """AdamW, decaying only 2-D weights (matmuls, embeddings): biases and LayerNorm gains are not decayed."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    fused = device_type == "cuda"  # the fused kernel: one launch for all parameters
+    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+
+
+def learning_rate(step, args) -> float:
+    """Linear warmup to the peak, then cosine decay to min_lr_ratio of it at max_train_steps."""
+    peak, floor = args.learning_rate, args.learning_rate * args.min_lr_ratio
+    if step < args.num_warmup_steps:
+        return peak * (step + 1) / args.num_warmup_steps
+    progress = (step - args.num_warmup_steps) / max(1, args.max_train_steps - args.num_warmup_steps)
+    return floor + 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (peak - floor)
+
+
+@dataclass
+class Progress:
+    """The step counter, checkpointed with the model through `register_for_checkpointing`."""
+
+    step: int = 0
+
+    def state_dict(self):
+        return {"step": self.step}
+
+    def load_state_dict(self, state):
+        self.step = state["step"]
+
+
+# --- the loop --------------------------------------------------------------------------------------
+
+
+def train_step(accelerator, model, optimizer, batches, args):
+    """One optimizer step over the accumulated micro-batches; returns (mean loss, grad norm)."""
+    losses = []
+    for _ in range(accelerator.gradient_accumulation_steps):
+        window = next(batches).to(accelerator.device)
+        with accelerator.accumulate(model):
+            loss = model(input_ids=window[:, :-1], shift_labels=window[:, 1:]).loss
+            accelerator.backward(loss)  # divides by the accumulation steps itself
+            if accelerator.sync_gradients:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()  # a no-op until the last micro-step
+            optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+    mean_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean")
+    return mean_loss.item(), grad_norm.item()
+
+
+@torch.no_grad()
+def evaluate(accelerator, model, args, seq_len) -> float:
+    """Mean loss over the first `eval_iters` val batches: the same windows every time."""
+    model.eval()
+    batches = ShardedTokens(args.data_dir, "val", args.per_device_train_batch_size, seq_len,
+                            accelerator.process_index, accelerator.num_processes, shuffle=False)  # fmt: skip
+    losses = []
+    for _ in range(args.eval_iters):
+        window = next(batches).to(accelerator.device)
+        losses.append(model(input_ids=window[:, :-1], shift_labels=window[:, 1:]).loss)
+    model.train()
+    return accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+
+
+@torch.no_grad()
+def generate_samples(model, tokenizer, prompt, seed, n=2, max_new_tokens=40) -> list[str]:
+    model.eval()
+    inputs = tokenizer([prompt] * n, return_tensors="pt").to(model.device)
+    generator_state = torch.random.get_rng_state()  # sampling must not shift the training RNG
+    torch.manual_seed(seed)
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=True, top_k=50,
+                         pad_token_id=tokenizer.eos_token_id)  # fmt: skip
+    torch.random.set_rng_state(generator_state)
+    model.train()
+    return tokenizer.batch_decode(out, skip_special_tokens=True)
+
+
+def model_flops_per_token(config, seq_len) -> float:
+    """6N for the matmuls of forward+backward plus the attention scores (PaLM appendix B)."""
+    n = 12 * config.n_layer * config.n_embd**2 + config.padded_vocab_size * config.n_embd  # blocks + lm_head
+    return 6 * n + 12 * config.n_layer * config.n_embd * seq_len
+
+
+def peak_flops(accelerator):
+    if accelerator.device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(accelerator.device)
+    return next((flops for gpu, flops in PEAK_BF16_FLOPS.items() if gpu in name), None)
+
+
+# --- checkpoints -----------------------------------------------------------------------------------
+
+
+def checkpoint_root(args) -> Path:
+    return args.output_dir / "checkpoints"
+
+
+def save_checkpoint(accelerator, model, args, step):
+    """`save_state` into a temporary directory, renamed when complete; `latest` then names it."""
+    root = checkpoint_root(args)
+    final, temporary = root / f"step_{step}", root / f"step_{step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(temporary, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(temporary)
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).config.to_json_file(temporary / "config.json")
+        (temporary / "training_args.json").write_text(json.dumps(vars(args), default=str, indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(temporary, final)
+        pointer = root / (LATEST + ".tmp")
+        pointer.write_text(final.name)
+        os.replace(pointer, root / LATEST)
+        kept = json.loads((root / "kept.json").read_text()) if (root / "kept.json").exists() else []
+        kept = [name for name in kept if name != final.name] + [final.name]
+        for old in kept[: -args.checkpoints_total_limit]:
+            shutil.rmtree(root / old, ignore_errors=True)
+        (root / "kept.json").write_text(json.dumps(kept[-args.checkpoints_total_limit :]))
+    accelerator.wait_for_everyone()
+
+
+def resolve_checkpoint(args) -> Path:
+    if args.resume_from_checkpoint == LATEST:
+        pointer = checkpoint_root(args) / LATEST
+        if not pointer.exists():
+            raise ValueError(f"--resume_from_checkpoint latest: no complete checkpoint in {checkpoint_root(args)}")
+        return checkpoint_root(args) / pointer.read_text().strip()
+    path = Path(args.resume_from_checkpoint)
+    if not (path / "config.json").exists():
+        raise ValueError(f"--resume_from_checkpoint {path} is not a complete checkpoint directory")
+    return path
+
+
+def check_same_model(checkpoint: Path, config: MiniGPTConfig):
+    saved = MiniGPTConfig.from_json_file(checkpoint / "config.json")
+    fields = ["vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "pad_vocab_size_multiple"]
+    differing = [f"{f}: checkpoint {getattr(saved, f)}, now {getattr(config, f)}" for f in fields
+                 if getattr(saved, f) != getattr(config, f)]  # fmt: skip
+    if differing:
+        raise ValueError(f"cannot resume {checkpoint} into a different model ({'; '.join(differing)})")
+
+
+# --- export ----------------------------------------------------------------------------------------
+
+
+def export(accelerator, model, args, summary, destination: Path):
+    """A folder that `from_pretrained(..., trust_remote_code=True)` and `pipeline` load: weights, code,
+    tokenizer, generation config and a model card. Written aside, then renamed into place."""
+    temporary = destination.with_name(destination.name + ".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(temporary, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.save_pretrained(temporary, is_main_process=accelerator.is_main_process, save_function=accelerator.save)
+    if accelerator.is_main_process:
+        tokenizer = AutoTokenizer.from_pretrained(Path(args.data_dir) / "tokenizer")
+        tokenizer.save_pretrained(temporary)
+        eot = unwrapped.config.eos_token_id
+        GenerationConfig(bos_token_id=eot, eos_token_id=eot, pad_token_id=eot, do_sample=True, top_k=50,
+                         max_new_tokens=64).save_pretrained(temporary)  # fmt: skip
+        (temporary / "README.md").write_text(model_card(args, summary))
+        if (args.output_dir / "loss.png").exists():
+            shutil.copy(args.output_dir / "loss.png", temporary / "loss.png")
+        shutil.rmtree(destination, ignore_errors=True)
+        os.replace(temporary, destination)
+    accelerator.wait_for_everyone()
+
+
+def model_card(args, summary) -> str:
+    meta = read_meta(args.data_dir)
+    lines = [
+        "---", "library_name: transformers", "tags: [minigpt, gpt2, text-generation]", "---", "",
+        "# MiniGPT", "",
+        "GPT-2 architecture trained from scratch with minigpt's `train_accelerate.py`. Load with",
+        "`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`.", "",
+        "| | |", "| --- | --- |",
+        f"| model | {args.model}: {summary['parameters']:,} parameters |",
+        f"| data | {meta['source']} ({meta['tokens']['train']:,} train tokens, tokenizer {meta['tokenizer']}) |",
+        f"| recipe | {summary['steps']} steps x {summary['tokens_per_step']:,} tokens, peak lr {args.learning_rate}, "
+        f"warmup {args.num_warmup_steps}, cosine to {args.min_lr_ratio:g}x, AdamW wd {args.weight_decay} |",
+        f"| tokens seen | {summary['tokens_seen']:,} |",
+        f"| final train loss | {summary['train_loss']:.4f} |",
+        f"| final val loss | {summary['val_loss']:.4f} |",
+        "", "![loss](loss.png)", "",
+    ]  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot_losses(metrics_file: Path, png: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*zip(*train), label="train loss", linewidth=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="val loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+class MetricsLog:
+    """One JSON object per line. On resume, rows from beyond the checkpoint (the part of the
+    interrupted run being redone) are dropped, so the log reads like an uninterrupted run."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        rows = path.read_text().splitlines() if path.exists() and resume_step else []
+        kept = [r for r in rows if json.loads(r)["step"] < resume_step]
+        path.write_text("".join(r + "\n" for r in kept))
+
+    def write(self, row: dict):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    accelerator = Accelerator(log_with=args.report_to if args.with_tracking else None, project_dir=args.output_dir)
+    set_seed(args.seed)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    meta = read_meta(args.data_dir)  # every check runs before the first step
+    model = build_model(args, meta)
+    seq_len = args.seq_len or model.config.n_positions
+    if seq_len > model.config.n_positions:
+        raise ValueError(f"--seq_len {seq_len} exceeds the model's context n_positions={model.config.n_positions}")
+    accelerator.gradient_accumulation_steps = accumulation_steps(args, accelerator.num_processes, seq_len)
+    batches = ShardedTokens(args.data_dir, "train", args.per_device_train_batch_size, seq_len,
+                            accelerator.process_index, accelerator.num_processes, seed=args.seed)  # fmt: skip
+    ShardedTokens(args.data_dir, "val", args.per_device_train_batch_size, seq_len, 0, accelerator.num_processes)  # fails now, not at the first eval
+    tokenizer = AutoTokenizer.from_pretrained(Path(args.data_dir) / "tokenizer")
+    checkpoint = resolve_checkpoint(args) if args.resume_from_checkpoint else None
+    if checkpoint is not None:
+        check_same_model(checkpoint, model.config)
+
+    optimizer = configure_optimizer(model, args, accelerator.device.type)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    progress = Progress()
+    accelerator.register_for_checkpointing(batches, progress)
+    if checkpoint is not None:
+        accelerator.load_state(checkpoint)
+        accelerator.print(f"resumed from {checkpoint} at step {progress.step}")
+    train_model = torch.compile(model) if args.compile else model
+
+    tokens_per_step = args.per_device_train_batch_size * seq_len * accelerator.num_processes * accelerator.gradient_accumulation_steps
+    unwrapped = accelerator.unwrap_model(model)
+    flops_per_step = model_flops_per_token(unwrapped.config, seq_len) * tokens_per_step
+    peak = peak_flops(accelerator)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    metrics = MetricsLog(args.output_dir / "metrics.jsonl", progress.step) if accelerator.is_main_process else None
+    if args.with_tracking:
+        accelerator.init_trackers("minigpt", config={k: str(v) for k, v in vars(args).items()})
+    accelerator.print(
+        f"{unwrapped.num_parameters():,} parameters | {tokens_per_step:,} tokens/step = {args.per_device_train_batch_size} "
+        f"x {seq_len} x {accelerator.num_processes} processes x {accelerator.gradient_accumulation_steps} accumulation"
+        f" | {accelerator.device} {accelerator.mixed_precision} | torch {torch.__version__}"
+    )
+
+    bar = tqdm(range(progress.step, args.max_train_steps), initial=progress.step, total=args.max_train_steps,
+               disable=not accelerator.is_main_process, desc="training")  # fmt: skip
+    train_loss = val_loss = float("nan")
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, args)
+        started = time.perf_counter()
+        train_loss, grad_norm = train_step(accelerator, train_model, optimizer, batches, args)
+        if accelerator.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+        progress.step = step + 1
+        row = {"step": step, "loss": train_loss, "lr": learning_rate(step, args), "grad_norm": grad_norm,
+               "dt_ms": 1000 * seconds, "tokens_per_s": tokens_per_step / seconds}  # fmt: skip
+        if peak:
+            row["mfu"] = flops_per_step / seconds / (peak * accelerator.num_processes)
+        bar.set_postfix(loss=f"{train_loss:.4f}", norm=f"{grad_norm:.2f}", tok_s=f"{row['tokens_per_s']:,.0f}")
+
+        last = progress.step == args.max_train_steps
+        if last or (args.eval_steps and progress.step % args.eval_steps == 0):
+            row["val_loss"] = val_loss = evaluate(accelerator, train_model, args, seq_len)
+            if accelerator.is_main_process:
+                samples = generate_samples(unwrapped, tokenizer, args.sample_prompt, args.seed)
+                bar.write(f"step {progress.step}: val loss {val_loss:.4f}\n" + "\n".join(f"  > {s!r}" for s in samples))
+        if accelerator.is_main_process:
+            metrics.write(row)
+        accelerator.log(row, step=step)
+        if args.checkpointing_steps and (progress.step % args.checkpointing_steps == 0 or last):
+            save_checkpoint(accelerator, model, args, progress.step)
+
+    summary = {"steps": args.max_train_steps, "tokens_per_step": tokens_per_step, "parameters": unwrapped.num_parameters(),
+               "tokens_seen": tokens_per_step * args.max_train_steps, "train_loss": train_loss, "val_loss": val_loss}  # fmt: skip
+    if accelerator.is_main_process:
+        plot_losses(args.output_dir / "metrics.jsonl", args.output_dir / "loss.png")
+    export(accelerator, model, args, summary, args.output_dir / "final")
+    accelerator.print(f"exported {args.output_dir / 'final'} (val loss {val_loss:.4f})")
+    if args.push_to_hub and accelerator.is_main_process:
+        from huggingface_hub import create_repo, upload_folder
+
+        # The exported folder as it is (weights, code, tokenizer, card): what `push_to_hub` would upload.
+        create_repo(args.hub_model_id, exist_ok=True)
+        upload_folder(repo_id=args.hub_model_id, folder_path=args.output_dir / "final", commit_message="minigpt export")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, ShardError) as error:
+        sys.exit(f"train_accelerate.py: error: {error}")
