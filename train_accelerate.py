@@ -29,6 +29,7 @@ from transformers import AutoTokenizer, GenerationConfig
 
 from configuration_minigpt import PRESETS, MiniGPTConfig
 from modeling_minigpt import MiniGPTForCausalLM
+from prepare_data import tokenizer_sha256
 from token_shards import ShardedTokens, ShardError, read_meta
 
 OPENAI_GPT2 = {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"}  # `--model` names for OpenAI's weights
@@ -70,8 +71,9 @@ def parse_args(argv=None):
     p.add_argument("--hub_model_id", default=None)
     args = p.parse_args(argv)
     positive = ["per_device_train_batch_size", "gradient_accumulation_steps", "max_train_steps", "eval_iters"]
-    problems = [f"--{name} must be positive, got {getattr(args, name)}" for name in positive if getattr(args, name) <= 0]
-    problems += [f"--{n} must be >= 0" for n in ("num_warmup_steps", "eval_steps", "checkpointing_steps") if getattr(args, n) < 0]
+    non_negative = ["num_warmup_steps", "eval_steps", "checkpointing_steps"]
+    problems = [f"--{n} must be positive, got {getattr(args, n)}" for n in positive if getattr(args, n) <= 0]
+    problems += [f"--{n} must be >= 0, got {getattr(args, n)}" for n in non_negative if getattr(args, n) < 0]
     if args.push_to_hub and not args.hub_model_id:
         problems.append("--push_to_hub needs --hub_model_id")
     if problems:
@@ -92,21 +94,21 @@ def build_model(args, meta) -> MiniGPTForCausalLM:
                                            pad_vocab_size_multiple=args.pad_vocab_size_multiple)  # fmt: skip
         return MiniGPTForCausalLM(config)
     if args.from_gpt2 or args.model in OPENAI_GPT2:
-        model = MiniGPTForCausalLM.from_gpt2(f"openai-community/{args.model}" if args.model in OPENAI_GPT2 else args.model)
+        hub_id = f"openai-community/{args.model}" if args.model in OPENAI_GPT2 else args.model
+        model = MiniGPTForCausalLM.from_gpt2(hub_id)
     elif source.is_file():  # a config.json: a new model of that shape
         model = MiniGPTForCausalLM(MiniGPTConfig.from_json_file(source))
     elif (source / "config.json").exists():
         has_weights = any(source.glob("*.safetensors"))
-        model = MiniGPTForCausalLM.from_pretrained(source) if has_weights else MiniGPTForCausalLM(MiniGPTConfig.from_pretrained(source))
-        tokenizer_file = source / "tokenizer.json"
-        if has_weights and tokenizer_file.exists():
-            tokenizer = AutoTokenizer.from_pretrained(source)
-            from prepare_data import tokenizer_sha256
-
-            if tokenizer_sha256(tokenizer) != meta["tokenizer_sha256"]:
-                raise ValueError(f"{args.data_dir} was tokenized with another tokenizer than the model {source} was trained with")
+        if has_weights:
+            model = MiniGPTForCausalLM.from_pretrained(source)
+        else:
+            model = MiniGPTForCausalLM(MiniGPTConfig.from_pretrained(source))
+        if has_weights and (source / "tokenizer.json").exists():
+            if tokenizer_sha256(AutoTokenizer.from_pretrained(source)) != meta["tokenizer_sha256"]:
+                raise ValueError(f"{args.data_dir} was tokenized with another tokenizer than the model {source} used")
     else:
-        raise ValueError(f"--model {args.model!r} is neither a preset ({', '.join(PRESETS)}), gpt2*, nor a config/checkpoint path")
+        raise ValueError(f"--model {args.model!r} is not a preset ({', '.join(PRESETS)}), gpt2*, or a config/checkpoint path")
     if model.config.vocab_size != vocab:
         raise ValueError(
             f"vocabulary mismatch: the model has vocab_size={model.config.vocab_size}, {args.data_dir} was "
@@ -369,7 +371,8 @@ def main(argv=None):
     accelerator.gradient_accumulation_steps = accumulation_steps(args, accelerator.num_processes, seq_len)
     batches = ShardedTokens(args.data_dir, "train", args.per_device_train_batch_size, seq_len,
                             accelerator.process_index, accelerator.num_processes, seed=args.seed)  # fmt: skip
-    ShardedTokens(args.data_dir, "val", args.per_device_train_batch_size, seq_len, 0, accelerator.num_processes)  # fails now, not at the first eval
+    # Opened once here so that a val split too small for one batch fails now, not at the first eval.
+    ShardedTokens(args.data_dir, "val", args.per_device_train_batch_size, seq_len, 0, accelerator.num_processes)
     tokenizer = AutoTokenizer.from_pretrained(Path(args.data_dir) / "tokenizer")
     checkpoint = resolve_checkpoint(args) if args.resume_from_checkpoint else None
     if checkpoint is not None:
@@ -384,7 +387,8 @@ def main(argv=None):
         accelerator.print(f"resumed from {checkpoint} at step {progress.step}")
     train_model = torch.compile(model) if args.compile else model
 
-    tokens_per_step = args.per_device_train_batch_size * seq_len * accelerator.num_processes * accelerator.gradient_accumulation_steps
+    micro_batch_tokens = args.per_device_train_batch_size * seq_len * accelerator.num_processes
+    tokens_per_step = micro_batch_tokens * accelerator.gradient_accumulation_steps
     unwrapped = accelerator.unwrap_model(model)
     flops_per_step = model_flops_per_token(unwrapped.config, seq_len) * tokens_per_step
     peak = peak_flops(accelerator)
@@ -428,8 +432,14 @@ def main(argv=None):
         if args.checkpointing_steps and (progress.step % args.checkpointing_steps == 0 or last):
             save_checkpoint(accelerator, model, args, progress.step)
 
-    summary = {"steps": args.max_train_steps, "tokens_per_step": tokens_per_step, "parameters": unwrapped.num_parameters(),
-               "tokens_seen": tokens_per_step * args.max_train_steps, "train_loss": train_loss, "val_loss": val_loss}  # fmt: skip
+    summary = {
+        "steps": args.max_train_steps,
+        "tokens_per_step": tokens_per_step,
+        "tokens_seen": tokens_per_step * args.max_train_steps,
+        "parameters": unwrapped.num_parameters(),
+        "train_loss": train_loss,
+        "val_loss": val_loss,
+    }
     if accelerator.is_main_process:
         plot_losses(args.output_dir / "metrics.jsonl", args.output_dir / "loss.png")
     export(accelerator, model, args, summary, args.output_dir / "final")

@@ -9,6 +9,10 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO))
 
+# A model small enough for one CPU core, with its own small vocabulary (eot = its last id).
+VOCAB = 1000
+TINY = dict(n_layer=2, n_head=4, n_embd=64, n_positions=64, vocab_size=VOCAB, bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1)
+
 
 def shared_file(relative: str) -> Path:
     """A file from ../shared/data, or skip: that data cannot ship with the project."""

@@ -233,3 +233,16 @@ def test_vocabulary_too_large_for_the_dtype():
     assert token_dtype(50257) == np.uint16 and token_dtype(70000) == np.uint32
     with pytest.raises(ShardError, match="does not fit"):
         token_dtype(2**33)
+
+
+def test_streamed_corpus_tokenizes_like_an_in_memory_one(corpus_file, gpt2_tokenizer):
+    # The Hub and FineWeb-Edu paths stream; a local file loaded with streaming=True takes the same code.
+    import datasets
+
+    args = prepare_data.parse_args(["--chunk_docs", "7", "--num_proc", "2"])
+    in_memory = datasets.load_dataset("json", data_files=str(corpus_file), split="train").select_columns(["text"])
+    streamed = datasets.load_dataset("json", data_files=str(corpus_file), split="train", streaming=True)
+    for skip in (0, 10):
+        expected = [ids.tolist() for ids in prepare_data.tokenized_documents(in_memory, gpt2_tokenizer, args, skip)]
+        got = [ids.tolist() for ids in prepare_data.tokenized_documents(streamed, gpt2_tokenizer, args, skip)]
+        assert got == expected and len(got) == 120 - skip

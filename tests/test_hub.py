@@ -12,10 +12,9 @@ from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForCausalLM, pipeline
 
 from configuration_minigpt import MiniGPTConfig
+from conftest import TINY, VOCAB
 from modeling_minigpt import MiniGPTForCausalLM, MiniGPTModel
 
-VOCAB = 1000
-TINY = dict(n_layer=2, n_head=4, n_embd=64, n_positions=64, vocab_size=VOCAB, bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1)
 
 # What a Hub user runs: no repository on sys.path, the model's code comes from the saved folder.
 REMOTE_LOAD = """

@@ -5,10 +5,9 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from configuration_minigpt import MiniGPTConfig
+from conftest import TINY, VOCAB
 from modeling_minigpt import MiniGPTForCausalLM
 
-VOCAB = 1000
-TINY = dict(n_layer=2, n_head=4, n_embd=64, n_positions=64, vocab_size=VOCAB, bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1)
 
 
 @pytest.fixture(scope="module")
