@@ -160,30 +160,31 @@ def encode_batch(batch, tokenizer, eot_token_id):
 # --- tokenizing and writing ------------------------------------------------------------------------
 
 
+def encode_options(tokenizer) -> dict:
+    return dict(function=encode_batch, batched=True, remove_columns=["text"],
+                fn_kwargs=dict(tokenizer=tokenizer, eot_token_id=tokenizer.eos_token_id))  # fmt: skip
+
+
 def tokenized_documents(corpus, tokenizer, args, skip_docs):
-    """Token arrays per document, in corpus order whatever `num_proc` is."""
-    encode = dict(function=encode_batch, batched=True, remove_columns=["text"])
-    encode["fn_kwargs"] = dict(tokenizer=tokenizer, eot_token_id=tokenizer.eos_token_id)
+    """Token arrays per document, in corpus order whatever `num_proc` is. `corpus` is either an
+    already tokenized `Dataset` (an `ids` column) or a streamed `IterableDataset` of text."""
     if isinstance(corpus, datasets.Dataset):
-        corpus = corpus.select(range(skip_docs, len(corpus)))
-        corpus = corpus.map(**encode, num_proc=min(args.num_proc, max(len(corpus), 1)))
-        for batch in corpus.with_format("numpy").iter(batch_size=1000):
+        for batch in corpus.select(range(skip_docs, len(corpus))).with_format("numpy").iter(batch_size=1000):
             yield from batch["ids"]
         return
     texts = (row["text"] for row in corpus.skip(skip_docs))
     while chunk := list(islice(texts, args.chunk_docs)):
         chunk = datasets.Dataset.from_dict({"text": chunk})
-        yield from chunk.map(**encode, num_proc=min(args.num_proc, len(chunk))).with_format("numpy")["ids"]
+        yield from chunk.map(**encode_options(tokenizer), num_proc=min(args.num_proc, len(chunk))).with_format("numpy")["ids"]
 
 
-def plan_val_tokens(args, corpus, tokenizer) -> int:
+def plan_val_tokens(args, corpus) -> int:
     if args.val_tokens is not None:
         return args.val_tokens
     if args.max_tokens is not None:
         return min(args.shard_size, args.max_tokens // 10)
-    if isinstance(corpus, datasets.Dataset):  # known size: count it (cached by datasets, or small)
-        total = sum(len(ids) for ids in tokenized_documents(corpus, tokenizer, args, 0))
-        return min(args.shard_size, total // 10)
+    if isinstance(corpus, datasets.Dataset):  # known size, already tokenized
+        return min(args.shard_size, sum(len(ids) for ids in tokenized_documents(corpus, None, args, 0)) // 10)
     return args.shard_size
 
 
@@ -217,7 +218,9 @@ def main(argv=None):
         tokenizer = load_tokenizer(args, corpus)
     vocab_size, eot = len(tokenizer), tokenizer.eos_token_id
     dtype = token_dtype(vocab_size)
-    val_tokens = plan_val_tokens(args, corpus, tokenizer)
+    if isinstance(corpus, datasets.Dataset):  # known size: tokenize it once, in parallel
+        corpus = corpus.map(**encode_options(tokenizer), num_proc=min(args.num_proc, len(corpus)))
+    val_tokens = plan_val_tokens(args, corpus)
     settings = settings_of(args, tokenizer, val_tokens)
 
     progress_path = out / PROGRESS_FILE

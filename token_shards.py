@@ -147,7 +147,8 @@ class ShardedTokens:
                 f"{self.seq_len + 1} tokens, fewer than one global batch of {self.batch_size * self.world_size}"
             )
         self.windows_consumed = 0
-        self._epoch_layout = None  # (epoch, shard order, cumulative window counts)
+        self._layout_epoch = None  # the epoch that _shard_order and _window_ends describe
+        self._window_orders = {}  # shard -> its shuffled window order in _layout_epoch
 
     def __iter__(self):
         return self
@@ -171,20 +172,22 @@ class ShardedTokens:
         return self.shards[shard][begin : begin + self.seq_len + 1]
 
     def _layout(self, epoch):
-        if self._epoch_layout is None or self._epoch_layout[0] != epoch:
+        """This epoch's shard order and the cumulative window count after each shard in it."""
+        if self._layout_epoch != epoch:
             order = np.arange(len(self.shards))
             if self.shuffle:
                 order = np.random.default_rng((self.seed, epoch)).permutation(order)
-            ends = np.cumsum([self.windows_per_shard[s] for s in order])
-            self._epoch_layout = (epoch, order, ends, {})
-        return self._epoch_layout[1], self._epoch_layout[2]
+            self._layout_epoch, self._shard_order = epoch, order
+            self._window_ends = np.cumsum([self.windows_per_shard[s] for s in order])
+            self._window_orders = {}
+        return self._shard_order, self._window_ends
 
     def _window_order(self, epoch, shard):
-        cache = self._epoch_layout[3]
-        if shard not in cache:
-            cache.clear()  # one shard's permutation at a time: shards are read in order
-            cache[shard] = np.random.default_rng((self.seed, epoch, shard)).permutation(self.windows_per_shard[shard])
-        return cache[shard]
+        if shard not in self._window_orders:
+            self._window_orders.clear()  # one shard's permutation at a time: shards are read in order
+            rng = np.random.default_rng((self.seed, epoch, shard))
+            self._window_orders[shard] = rng.permutation(self.windows_per_shard[shard])
+        return self._window_orders[shard]
 
     def state_dict(self) -> dict:
         return {"windows_consumed": self.windows_consumed, "seed": self.seed, "seq_len": self.seq_len}

@@ -241,6 +241,7 @@ def test_streamed_corpus_tokenizes_like_an_in_memory_one(corpus_file, gpt2_token
 
     args = prepare_data.parse_args(["--chunk_docs", "7", "--num_proc", "2"])
     in_memory = datasets.load_dataset("json", data_files=str(corpus_file), split="train").select_columns(["text"])
+    in_memory = in_memory.map(**prepare_data.encode_options(gpt2_tokenizer))
     streamed = datasets.load_dataset("json", data_files=str(corpus_file), split="train", streaming=True)
     for skip in (0, 10):
         expected = [ids.tolist() for ids in prepare_data.tokenized_documents(in_memory, gpt2_tokenizer, args, skip)]
