@@ -28,12 +28,14 @@ from tqdm import tqdm
 from transformers import AutoTokenizer, GenerationConfig
 
 from configuration_minigpt import PRESETS, MiniGPTConfig
+from eval_hellaswag import evaluate_hellaswag, load_examples, val_loss
 from modeling_minigpt import MiniGPTForCausalLM
 from prepare_data import tokenizer_sha256
 from token_shards import ShardedTokens, ShardError, read_meta
 
 OPENAI_GPT2 = {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"}  # `--model` names for OpenAI's weights
 LATEST = "latest"  # file naming the newest complete checkpoint
+GPT2_124M_HELLASWAG = 0.2955  # completion-style acc_norm, full val split (build-nanogpt / llm.c)
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per GPU, for MFU
 
 
@@ -58,7 +60,10 @@ def parse_args(argv=None):
     p.add_argument("--num_warmup_steps", type=int, default=15)
     p.add_argument("--max_train_steps", type=int, default=150)
     p.add_argument("--eval_steps", type=int, default=50, help="val loss and samples every N steps (0: only at the end)")
-    p.add_argument("--eval_iters", type=int, default=20, help="val batches per evaluation")
+    p.add_argument("--eval_iters", type=int, default=20, help="val batches per evaluation, shared by the processes")
+    p.add_argument("--hellaswag", default=None,
+                   help="HellaSwag at every evaluation: Rowan/hellaswag or a local jsonl (default: none; offline)")  # fmt: skip
+    p.add_argument("--hellaswag_limit", type=int, default=None, help="only the first N HellaSwag examples")
     p.add_argument("--sample_prompt", default="The", help="prompt for the generated samples")
     p.add_argument("--checkpointing_steps", type=int, default=50, help="0: no checkpoints")
     p.add_argument("--checkpoints_total_limit", type=int, default=2, help="keep the last K checkpoints")
@@ -182,18 +187,20 @@ def train_step(accelerator, model, optimizer, batches, args):
     return mean_loss.item(), grad_norm.item()
 
 
-@torch.no_grad()
-def evaluate(accelerator, model, args, seq_len) -> float:
-    """Mean loss over the first `eval_iters` val batches: the same windows every time."""
-    model.eval()
-    batches = ShardedTokens(args.data_dir, "val", args.per_device_train_batch_size, seq_len,
-                            accelerator.process_index, accelerator.num_processes, shuffle=False)  # fmt: skip
-    losses = []
-    for _ in range(args.eval_iters):
-        window = next(batches).to(accelerator.device)
-        losses.append(model(input_ids=window[:, :-1], shift_labels=window[:, 1:]).loss)
-    model.train()
-    return accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+def evaluate(accelerator, model, examples, tokenizer, args, seq_len) -> dict:
+    """Val loss over the first `eval_iters` val batches (the same windows every time, shared by the
+    processes) and, with --hellaswag, both HellaSwag conventions. Both run the eager model without its
+    DDP wrapper: processes do unequal work, and HellaSwag's varying shapes would recompile a compiled one."""
+    eager = accelerator.unwrap_model(model)
+    with accelerator.autocast():
+        results = {"val_loss": val_loss(eager, args.data_dir, args.per_device_train_batch_size, seq_len,
+                                        args.eval_iters, accelerator)}  # fmt: skip
+        if examples:
+            scores = evaluate_hellaswag(eager, tokenizer, examples, accelerator, show_progress=False)
+            for convention, prefix in [("completion", "hellaswag"), ("harness", "hellaswag_lm_eval")]:
+                results.update({f"{prefix}_{name}": value for name, value in scores[convention].items()})
+            results["hellaswag_examples"] = scores["examples"]
+    return results
 
 
 @torch.no_grad()
@@ -315,12 +322,19 @@ def model_card(args, summary) -> str:
         f"| tokens seen | {summary['tokens_seen']:,} |",
         f"| final train loss | {summary['train_loss']:.4f} |",
         f"| final val loss | {summary['val_loss']:.4f} |",
-        "", "![loss](loss.png)", "",
     ]  # fmt: skip
-    return "\n".join(lines)
+    if "hellaswag_acc_norm" in summary:
+        lines += [
+            (f"| HellaSwag ({args.hellaswag}, {summary['hellaswag_examples']:,} examples), completion style | "
+             f"acc {summary['hellaswag_acc']:.4f}, acc_norm {summary['hellaswag_acc_norm']:.4f} |"),
+            (f"| HellaSwag, lm-evaluation-harness style | "
+             f"acc {summary['hellaswag_lm_eval_acc']:.4f}, acc_norm {summary['hellaswag_lm_eval_acc_norm']:.4f} |"),
+        ]  # fmt: skip
+    return "\n".join(lines + ["", "![loss](loss.png)", ""])
 
 
 def plot_losses(metrics_file: Path, png: Path):
+    """Train/val loss and, when measured, HellaSwag next to OpenAI GPT-2 124M's score, as the seeds plot it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -329,14 +343,23 @@ def plot_losses(metrics_file: Path, png: Path):
     rows = [json.loads(line) for line in metrics_file.read_text().splitlines()]
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(*zip(*train), label="train loss", linewidth=1)
+    hellaswag = [(r["step"], r["hellaswag_acc_norm"]) for r in rows if "hellaswag_acc_norm" in r]
+    fig, axes = plt.subplots(1, 2 if hellaswag else 1, figsize=(12 if hellaswag else 7, 4), squeeze=False)
+    loss_ax = axes[0][0]
+    loss_ax.plot(*zip(*train), label="train loss", linewidth=1)
     if val:
-        ax.plot(*zip(*val), "o-", label="val loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
+        loss_ax.plot(*zip(*val), "o-", label="val loss")
+    loss_ax.set_xlabel("step")
+    loss_ax.set_ylabel("loss")
+    if hellaswag:
+        ax = axes[0][1]
+        ax.plot(*zip(*hellaswag), "o-", label="ours (completion acc_norm)")
+        ax.axhline(GPT2_124M_HELLASWAG, color="red", linestyle="--", label="OpenAI GPT-2 124M (all 10,042)")
+        ax.set_xlabel("step")
+        ax.set_ylabel("HellaSwag acc_norm")
+    for ax in axes[0]:
+        ax.legend()
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     plt.close(fig)
@@ -374,6 +397,7 @@ def main(argv=None):
     # Opened once here so that a val split too small for one batch fails now, not at the first eval.
     ShardedTokens(args.data_dir, "val", args.per_device_train_batch_size, seq_len, 0, accelerator.num_processes)
     tokenizer = AutoTokenizer.from_pretrained(Path(args.data_dir) / "tokenizer")
+    hellaswag = load_examples(args.hellaswag, args.hellaswag_limit) if args.hellaswag else None
     checkpoint = resolve_checkpoint(args) if args.resume_from_checkpoint else None
     if checkpoint is not None:
         check_same_model(checkpoint, model.config)
@@ -404,7 +428,7 @@ def main(argv=None):
 
     bar = tqdm(range(progress.step, args.max_train_steps), initial=progress.step, total=args.max_train_steps,
                disable=not accelerator.is_main_process, desc="training")  # fmt: skip
-    train_loss = val_loss = float("nan")
+    train_loss, evaluation = float("nan"), {}
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args)
@@ -422,10 +446,12 @@ def main(argv=None):
 
         last = progress.step == args.max_train_steps
         if last or (args.eval_steps and progress.step % args.eval_steps == 0):
-            row["val_loss"] = val_loss = evaluate(accelerator, train_model, args, seq_len)
+            evaluation = evaluate(accelerator, model, hellaswag, tokenizer, args, seq_len)
+            row.update(evaluation)
             if accelerator.is_main_process:
                 samples = generate_samples(unwrapped, tokenizer, args.sample_prompt, args.seed)
-                bar.write(f"step {progress.step}: val loss {val_loss:.4f}\n" + "\n".join(f"  > {s!r}" for s in samples))
+                scores = " | ".join(f"{name} {value:.4f}" for name, value in evaluation.items() if isinstance(value, float))
+                bar.write(f"step {progress.step}: {scores}\n" + "\n".join(f"  > {s!r}" for s in samples))
         if accelerator.is_main_process:
             metrics.write(row)
         accelerator.log(row, step=step)
@@ -438,12 +464,12 @@ def main(argv=None):
         "tokens_seen": tokens_per_step * args.max_train_steps,
         "parameters": unwrapped.num_parameters(),
         "train_loss": train_loss,
-        "val_loss": val_loss,
+        **evaluation,  # the last one: val loss and HellaSwag
     }
     if accelerator.is_main_process:
         plot_losses(args.output_dir / "metrics.jsonl", args.output_dir / "loss.png")
     export(accelerator, model, args, summary, args.output_dir / "final")
-    accelerator.print(f"exported {args.output_dir / 'final'} (val loss {val_loss:.4f})")
+    accelerator.print(f"exported {args.output_dir / 'final'} (val loss {evaluation['val_loss']:.4f})")
     if args.push_to_hub and accelerator.is_main_process:
         from huggingface_hub import create_repo, upload_folder
 

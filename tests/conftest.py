@@ -44,3 +44,26 @@ def gpt2_tokenizer(tmp_path_factory):
     return PreTrainedTokenizerFast(
         tokenizer_file=str(path), bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>"
     )
+
+
+# Two HellaSwag examples in rowanz/hellaswag's format, with the WikiHow artifacts lm-eval cleans up
+# (" [title]", "[header]", "[step]") and endings of very different lengths.
+HANDMADE_HELLASWAG = [
+    {"ind": 1, "activity_label": "Making tea", "ctx_a": "A man fills a kettle [header] with water.", "ctx_b": "then he",
+     "ctx": "A man fills a kettle with water. then he", "split": "val", "split_type": "indomain", "label": 1,
+     "endings": ["boils it.", "pours the hot water over a tea bag in a big blue cup and waits  for it to steep.",
+                 "[title] sings.", "runs away"], "source_id": "handmade~1"},
+    {"ind": 2, "activity_label": "Baking", "ctx_a": "She mixes flour and eggs.", "ctx_b": "the dough",
+     "ctx": "She mixes flour and eggs. the dough", "split": "val", "split_type": "zeroshot", "label": 0,
+     "endings": ["rises.", "is put into the oven [step] for an hour.",
+                 "falls on the floor and the dog eats all of it happily.", "x"], "source_id": "handmade~2"},
+]  # fmt: skip
+
+
+@pytest.fixture
+def handmade_hellaswag(tmp_path):
+    import json
+
+    path = tmp_path / "hellaswag_handmade.jsonl"
+    path.write_text("".join(json.dumps(example) + "\n" for example in HANDMADE_HELLASWAG))
+    return path

@@ -73,6 +73,28 @@ def test_a_tiny_run_learns_and_exports_a_loadable_model(uninterrupted, data_dir)
     assert checkpoints == ["kept.json", "latest", "step_12", "step_8"]  # the last two are kept
 
 
+def test_hellaswag_in_the_loop_equals_eval_hellaswag_on_the_export(data_dir, handmade_hellaswag, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from eval_hellaswag import evaluate_hellaswag, load_examples
+
+    out = tmp_path / "run"
+    result = run([*TRAIN, *TINY_RUN, "--data_dir", str(data_dir), "--output_dir", str(out), "--max_train_steps", "4",
+                  "--eval_steps", "2", "--checkpointing_steps", "0", "--hellaswag", str(handmade_hellaswag)], tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [row for row in rows if "hellaswag_acc_norm" in row]
+    assert [row["step"] for row in evaluated] == [1, 3] and evaluated[-1]["hellaswag_examples"] == 2
+
+    final = out / "final"
+    model = AutoModelForCausalLM.from_pretrained(final, trust_remote_code=True)
+    scores = evaluate_hellaswag(model, AutoTokenizer.from_pretrained(final), load_examples(str(handmade_hellaswag)))
+    for convention, prefix in [("completion", "hellaswag"), ("harness", "hellaswag_lm_eval")]:
+        for metric in ("acc", "acc_norm"):
+            assert evaluated[-1][f"{prefix}_{metric}"] == scores[convention][metric]
+    assert "lm-evaluation-harness style" in (final / "README.md").read_text()
+
+
 def test_two_process_ddp_equals_one_process_with_twice_the_accumulation(data_dir, tmp_path):
     common = [*TINY_RUN, "--data_dir", str(data_dir), "--max_train_steps", "6", "--checkpointing_steps", "0"]
     one = run([*TRAIN, *common, "--output_dir", str(tmp_path / "one"), "--gradient_accumulation_steps", "2"], tmp_path)

@@ -1,0 +1,240 @@
+"""eval_hellaswag.py against references: log-likelihoods computed by hand, lm-evaluation-harness itself,
+transformers' own GPT-2, a single process."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import HANDMADE_HELLASWAG, REPO, shared_file
+
+import eval_hellaswag
+import prepare_data
+from configuration_minigpt import MiniGPTConfig
+from modeling_minigpt import MiniGPTForCausalLM
+
+EVAL = [sys.executable, str(REPO / "eval_hellaswag.py")]
+
+
+def opinionated_model(tokenizer, n_positions=96, seed=0):
+    """A tiny random model with large weights, so that its log-likelihoods differ a lot between endings."""
+    torch.manual_seed(seed)
+    eot = tokenizer.eos_token_id
+    config = MiniGPTConfig(n_layer=2, n_head=4, n_embd=64, n_positions=n_positions, vocab_size=len(tokenizer),
+                           bos_token_id=eot, eos_token_id=eot, initializer_range=0.2)  # fmt: skip
+    return MiniGPTForCausalLM(config).eval()
+
+
+def saved(model, tokenizer, path):
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def environment():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "PYTHONPATH"))}
+    return {**env, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+
+
+# --- by hand ---------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def loglikelihood_by_hand(model, context_ids, ending_ids):
+    """One unpadded sequence: the sum over the ending of log p(token | everything before it)."""
+    logprobs = model(torch.tensor([context_ids + ending_ids])).logits[0].log_softmax(-1)
+    return sum(logprobs[len(context_ids) - 1 + k, token].item() for k, token in enumerate(ending_ids))
+
+
+def test_two_examples_checked_by_hand(gpt2_tokenizer, handmade_hellaswag, tmp_path):
+    tok, model = gpt2_tokenizer, opinionated_model(gpt2_tokenizer)
+    # lm-eval's cleanup, written out: artifacts gone, ctx_b capitalized, " [title]" at the start of an
+    # ending leaves its leading space.
+    queries = ["Making tea: A man fills a kettle with water. Then he", "Baking: She mixes flour and eggs. The dough"]
+    choices = [
+        ["boils it.", "pours the hot water over a tea bag in a big blue cup and waits for it to steep.", " sings.", "runs away"],
+        ["rises.", "is put into the oven for an hour.", "falls on the floor and the dog eats all of it happily.", "x"],
+    ]
+    expected = {"completion": {"acc": 0, "acc_norm": 0}, "harness": {"acc": 0, "acc_norm": 0}}
+    by_hand = []
+    for example, query, example_choices in zip(HANDMADE_HELLASWAG, queries, choices):
+        completion = [(tok.encode(example["ctx"]), tok.encode(" " + e)) for e in example["endings"]]
+        query_ids = tok.encode(query)
+        harness = [(query_ids, tok.encode(query + " " + c)[len(query_ids) :]) for c in example_choices]
+        lls = {name: [loglikelihood_by_hand(model, c, e) for c, e in pairs]
+               for name, pairs in [("completion", completion), ("harness", harness)]}  # fmt: skip
+        norms = {"completion": [len(e) for _, e in completion], "harness": [len(c) for c in example_choices]}
+        by_hand.append((lls, norms))
+        for name in expected:
+            picks = {"acc": max(range(4), key=lambda i: lls[name][i]),
+                     "acc_norm": max(range(4), key=lambda i: lls[name][i] / norms[name][i])}  # fmt: skip
+            for metric, pick in picks.items():
+                expected[name][metric] += (pick == example["label"]) / len(HANDMADE_HELLASWAG)
+    # Only meaningful if normalizing changes a choice and the conventions disagree somewhere.
+    assert expected["completion"] != expected["harness"]
+    assert any(expected[name]["acc"] != expected[name]["acc_norm"] for name in expected)
+
+    result = eval_hellaswag.evaluate_hellaswag(model, tok, eval_hellaswag.load_examples(str(handmade_hellaswag)))
+    for scored, (lls, norms) in zip(result["scored"], by_hand):
+        for name in expected:
+            torch.testing.assert_close(scored[name]["loglikelihoods"], lls[name], rtol=1e-5, atol=1e-4)
+            assert scored[name]["normalizers"] == norms[name]
+    for name in expected:
+        assert result[name] == pytest.approx(expected[name], abs=1e-12)
+
+    # The command line reports the same four numbers in its JSON.
+    out = tmp_path / "results.json"
+    eval_hellaswag.main(["--model", saved(model, tok, tmp_path / "model"), "--hellaswag", str(handmade_hellaswag),
+                         "--output", str(out)])  # fmt: skip
+    report = json.loads(out.read_text())
+    assert report["hellaswag"]["examples"] == 2 and len(report["hellaswag"]["sha256"]) == 64
+    for name in expected:
+        assert report["results"][0][name] == pytest.approx(expected[name], abs=1e-12)
+
+
+# --- lm-evaluation-harness -------------------------------------------------------------------------
+
+
+def test_equals_lm_evaluation_harness_on_500_real_examples(gpt2_tokenizer, tmp_path):
+    """lm-eval's own hellaswag task (its yaml and preprocessing, included as is) on the local file, with
+    HFLM loading our saved folder through trust_remote_code. Contexts of 39 of the 500 examples exceed
+    the 96-token window, so left truncation is compared too."""
+    lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is in requirements-test.txt")
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    data = shared_file("hellaswag/hellaswag_val_500.jsonl")
+    model_dir = saved(opinionated_model(gpt2_tokenizer), gpt2_tokenizer, tmp_path / "model")
+    task_dir = tmp_path / "tasks"
+    task_dir.mkdir()
+    builtin = os.path.join(os.path.dirname(lm_eval.__file__), "tasks", "hellaswag", "hellaswag.yaml")
+    (task_dir / "hellaswag_local.yaml").write_text(
+        f"include: {builtin}\ntask: hellaswag_local\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    validation: {data}\ntraining_split: null\n"
+    )
+    harness = lm_eval.simple_evaluate(
+        model=HFLM(pretrained=model_dir, trust_remote_code=True, batch_size=32, device="cpu"),
+        tasks=["hellaswag_local"], task_manager=TaskManager(include_path=str(task_dir)), log_samples=True,
+    )  # fmt: skip
+    theirs = harness["results"]["hellaswag_local"]
+    their_lls = {s["doc_id"]: [ll for ll, _ in s["filtered_resps"]] for s in harness["samples"]["hellaswag_local"]}
+
+    model = eval_hellaswag.AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True)
+    tokenizer = eval_hellaswag.AutoTokenizer.from_pretrained(model_dir)
+    ours = eval_hellaswag.evaluate_hellaswag(model, tokenizer, eval_hellaswag.load_examples(str(data)), batch_size=8)
+    assert ours["examples"] == len(their_lls) == 500
+    assert ours["harness"]["acc"] == theirs["acc,none"]
+    assert ours["harness"]["acc_norm"] == theirs["acc_norm,none"]
+    for doc_id, scored in enumerate(ours["scored"]):  # same order: both follow the file
+        torch.testing.assert_close(scored["harness"]["loglikelihoods"], their_lls[doc_id], rtol=1e-5, atol=2e-4)
+
+
+# --- processes, models side by side, val loss ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gpt2_pair(gpt2_tokenizer, tmp_path_factory):
+    """transformers' GPT2LMHeadModel (random, saved as the library's model) and the same weights as MiniGPT."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(1)
+    eot = gpt2_tokenizer.eos_token_id
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=64, vocab_size=len(gpt2_tokenizer),
+                                      bos_token_id=eot, eos_token_id=eot, initializer_range=0.2))  # fmt: skip
+    root = tmp_path_factory.mktemp("models")
+    return saved(gpt2, gpt2_tokenizer, root / "gpt2"), saved(MiniGPTForCausalLM.from_gpt2(gpt2), gpt2_tokenizer, root / "ours")
+
+
+@pytest.fixture(scope="module")
+def gpt2_data(gpt2_tokenizer, tmp_path_factory):
+    tokenizer_dir = tmp_path_factory.mktemp("tokenizer")
+    gpt2_tokenizer.save_pretrained(tokenizer_dir)
+    out = tmp_path_factory.mktemp("data") / "builtin"
+    prepare_data.main(["--tokenizer", str(tokenizer_dir), "--max_tokens", "60000", "--output_dir", str(out), "--num_proc", "1"])
+    return out
+
+
+def test_side_by_side_two_processes_equal_one_and_library_gpt2_equals_ours(gpt2_pair, gpt2_data, tmp_path):
+    data = shared_file("hellaswag/hellaswag_val_500.jsonl")
+    gpt2_dir, ours_dir = gpt2_pair
+    common = ["--model", gpt2_dir, "--model", ours_dir, "--hellaswag", str(data), "--limit", "30", "--batch_size", "2",
+              "--data_dir", str(gpt2_data), "--val_batches", "3", "--val_batch_size", "2", "--seq_len", "32"]  # fmt: skip
+    one = subprocess.run([*EVAL, *common, "--output", str(tmp_path / "one.json")], env=environment(),
+                         capture_output=True, text=True)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29534"]  # fmt: skip
+    two = subprocess.run([*launch, str(REPO / "eval_hellaswag.py"), *common, "--output", str(tmp_path / "two.json")],
+                         env={**environment(), "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert (one["processes"], two["processes"]) == (1, 2)
+    def scores(report):
+        return [(r["model"], r["completion"], r["harness"]) for r in report["results"]]
+
+    assert scores(two) == scores(one)
+    assert [r["val_loss"] for r in two["results"]] == pytest.approx([r["val_loss"] for r in one["results"]], rel=1e-6)
+
+    gpt2, ours = one["results"]
+    assert (gpt2["completion"], gpt2["harness"]) == (ours["completion"], ours["harness"])
+    # Val loss against the library's own loss (labels shifted inside GPT2LMHeadModel) on the same windows.
+    from transformers import GPT2LMHeadModel
+
+    from token_shards import ShardedTokens
+
+    reference = GPT2LMHeadModel.from_pretrained(gpt2_dir).eval()
+    windows = ShardedTokens(gpt2_data, "val", 2, 32, 0, 1, shuffle=False)
+    with torch.no_grad():
+        losses = [reference(input_ids=(w := next(windows)), labels=w).loss for _ in range(3)]
+    # (GPT-2 sees all T+1 tokens and shifts; the script feeds T and scores the next tokens: same T targets.)
+    for result in (gpt2, ours):
+        assert result["val_loss"] == pytest.approx(torch.stack(losses).mean().item(), rel=1e-5)
+
+
+# --- bad input -------------------------------------------------------------------------------------
+
+
+def write_lines(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda good: [good[0], "{not json"], ":2: malformed JSON"),
+        (lambda good: [json.dumps({**json.loads(good[0]), "label": 4})], ":1: label 4 is out of range for 4 endings"),
+        (lambda good: [good[0], json.dumps({k: v for k, v in json.loads(good[1]).items() if k != "ctx_b"})], ":2: missing ctx_b"),
+        (lambda good: [json.dumps({**json.loads(good[0]), "endings": "one string"})], ":1: 'endings' must be a list"),
+        (lambda good: [], "no examples"),
+    ],
+)
+def test_bad_data_names_the_line(mutate, message, handmade_hellaswag, tmp_path):
+    good = handmade_hellaswag.read_text().splitlines()
+    bad = write_lines(tmp_path / "bad.jsonl", mutate(good))
+    with pytest.raises(eval_hellaswag.HellaSwagError, match=message):
+        eval_hellaswag.load_examples(bad)
+
+
+def test_command_line_errors_are_one_line(gpt2_pair, gpt2_tokenizer, tmp_path, handmade_hellaswag):
+    """Missing file, an ending that cannot fit the window, data tokenized with another tokenizer."""
+    small = opinionated_model(gpt2_tokenizer, n_positions=8)
+    other_data = tmp_path / "other_data"  # tokenized with a BPE trained on the spot
+    prepare_data.main(["--vocab_size", "300", "--max_tokens", "5000", "--output_dir", str(other_data), "--num_proc", "1"])
+    cases = [
+        (["--model", gpt2_pair[1], "--hellaswag", str(tmp_path / "missing.jsonl")], "missing.jsonl: no such HellaSwag file"),
+        (["--model", saved(small, gpt2_tokenizer, tmp_path / "small"), "--hellaswag", str(handmade_hellaswag)],
+         r"line 1: completion ending 1 has \d+ tokens, the model's window is 8"),
+        (["--model", str(tmp_path / "nothing_here"), "--hellaswag", str(handmade_hellaswag)], "cannot load"),
+        (["--model", gpt2_pair[1], "--hellaswag", str(handmade_hellaswag), "--data_dir", str(other_data)],
+         "was tokenized with another tokenizer"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        result = subprocess.run([*EVAL, *argv, "--output", str(tmp_path / "r.json")], env=environment(),
+                                capture_output=True, text=True)  # fmt: skip
+        assert result.returncode == 1, result.stderr[-2000:]
+        assert re.search(message, result.stderr) and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "r.json").exists()
