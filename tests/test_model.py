@@ -37,6 +37,54 @@ def test_from_gpt2_logits_loss_and_greedy_tokens_match_transformers(gpt2_and_our
     assert torch.equal(ours.generate(prompt, **generate), gpt2.generate(prompt, **generate))
 
 
+@pytest.mark.parametrize("pad_vocab_size_multiple", [1, 64])
+def test_training_loss_and_every_gradient_match_transformers(pad_vocab_size_multiple):
+    """Train mode with gradients takes the chunked loss (no logits kept): loss and gradients must still
+    be GPT-2's, with ignored labels, token-count averaging over accumulated micro-batches and
+    vocabulary padding."""
+    torch.manual_seed(0)
+    no_dropout = dict(embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(**TINY, **no_dropout)).train()
+    ours = MiniGPTForCausalLM.from_gpt2(gpt2, pad_vocab_size_multiple=pad_vocab_size_multiple).train()
+    x = torch.randint(0, VOCAB, (3, 40), generator=torch.Generator().manual_seed(2))
+    labels = x.clone()
+    labels[1, 5:20] = -100
+    for num_items_in_batch in (None, torch.tensor(500)):
+        gpt2.zero_grad(), ours.zero_grad()
+        theirs = gpt2(x, labels=labels, num_items_in_batch=num_items_in_batch)
+        mine = ours(x, labels=labels, num_items_in_batch=num_items_in_batch)
+        assert mine.logits is None
+        torch.testing.assert_close(mine.loss, theirs.loss, atol=1e-5, rtol=0)
+        theirs.loss.backward(), mine.loss.backward()
+        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        for name, param in gpt2.named_parameters():
+            grad = param.grad.t() if name.endswith(conv1d) else param.grad
+            mine_grad = ours.get_parameter(name).grad
+            torch.testing.assert_close(mine_grad[: grad.shape[0]], grad, atol=1e-5, rtol=1e-4, msg=name)
+            if name == "transformer.wte.weight":
+                assert torch.all(mine_grad[grad.shape[0] :] == 0)  # padding rows
+
+
+def test_chunked_loss_equals_the_plain_loss_across_uneven_chunks():
+    from modeling_minigpt import causal_lm_loss, chunked_lm_head_loss
+
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 40, 16, requires_grad=True)
+    weight = torch.randn(128, 16, requires_grad=True)  # 100 real tokens + 28 padding rows
+    labels = torch.randint(0, 100, (3, 40))
+    labels[2, :7] = -100
+    chunked = chunked_lm_head_loss(hidden, weight, 100, labels, chunk_logits=7 * 128)  # 7-row chunks: 120 = 17 x 7 + 1
+    chunked.backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    plain = causal_lm_loss(hidden @ weight[:100].t(), labels)
+    plain.backward()
+    torch.testing.assert_close(chunked, plain)
+    torch.testing.assert_close(grads[0], hidden.grad)
+    torch.testing.assert_close(grads[1][:100], weight.grad[:100])
+    assert grads[1][100:].abs().max() == 0
+
+
 def test_sampling_and_beam_search_match_transformers(gpt2_and_ours):
     gpt2, ours = gpt2_and_ours
     prompt = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(2))
