@@ -293,8 +293,8 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast:
         """`labels` are the inputs themselves (shifted inside), or `shift_labels` the next tokens.
         `logits_to_keep`: an int keeps the last that many positions (0 keeps all; generate asks for 1),
-        a tensor selects positions. Training with a loss (train mode, gradients on) returns no logits:
-        the loss then comes from `chunked_lm_head_loss`, which never holds all of them."""
+        a tensor selects positions. Training with a loss (train mode, gradients on, eager) returns no
+        logits: the loss then comes from `chunked_lm_head_loss`, which never holds all of them."""
         wants_loss = labels is not None or shift_labels is not None
         outputs = self.transformer(
             input_ids,
@@ -306,7 +306,8 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
         )
         hidden_states = outputs.last_hidden_state
         vocab_size = self.config.vocab_size
-        if wants_loss and self.training and torch.is_grad_enabled():
+        # Compiled, the plain path below is left to the compiler to fuse: tracing would unroll the chunk loop.
+        if wants_loss and self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
             loss = chunked_lm_head_loss(hidden_states, self.lm_head.weight, vocab_size, labels, shift_labels,
                                         num_items_in_batch)  # fmt: skip
             return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values)
@@ -330,9 +331,12 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
     def generate(self, *args, **kwargs):
         """`GenerationMixin.generate`. On CPU, each decoding step multiplies a row per sequence by the
         (vocab, n_embd) head, and `x @ W.T` in that layout runs a matrix-vector kernel 2.4x slower than
-        against an (n_embd, vocab) copy (GPT-2's head: 7.8 vs 3.3 ms a token on 2 cores). The copy lives
-        only while generating, so it never goes stale when the weights change."""
-        if self.lm_head.weight.device.type != "cpu":
+        against an (n_embd, vocab) copy (GPT-2's head: 7.8 vs 3.3 ms a token on 2 cores). Making the copy
+        costs about 15-30 such steps, so it is made for calls that ask for at least 32 new tokens, and
+        lives only during the call: it can never go stale when the weights change."""
+        config = kwargs.get("generation_config") or self.generation_config
+        new_tokens = kwargs.get("max_new_tokens", config.max_new_tokens)
+        if self.lm_head.weight.device.type != "cpu" or new_tokens is None or new_tokens < 32:
             return super().generate(*args, **kwargs)
         self._head_in_out = self.lm_head.weight.detach().t().contiguous()
         try:
