@@ -95,6 +95,19 @@ def test_hellaswag_in_the_loop_equals_eval_hellaswag_on_the_export(data_dir, han
     assert "lm-evaluation-harness style" in (final / "README.md").read_text()
 
 
+def test_eval_hellaswag_loads_a_training_checkpoint_like_the_export(uninterrupted, handmade_hellaswag):
+    """A checkpoint holds no code and no tokenizer: eval_hellaswag finds the class through the local
+    registration and the tokenizer through the run's data_dir. The last checkpoint is the exported model."""
+    from eval_hellaswag import evaluate_hellaswag, load, load_examples
+
+    examples = load_examples(str(handmade_hellaswag))
+    scores = []
+    for path in (uninterrupted / "checkpoints" / "step_12", uninterrupted / "final"):
+        model, tokenizer = load(str(path), None, "cpu", torch.float32)
+        scores.append(evaluate_hellaswag(model, tokenizer, examples)["scored"])
+    assert scores[0] == scores[1]
+
+
 def test_two_process_ddp_equals_one_process_with_twice_the_accumulation(data_dir, tmp_path):
     common = [*TINY_RUN, "--data_dir", str(data_dir), "--max_train_steps", "6", "--checkpointing_steps", "0"]
     one = run([*TRAIN, *common, "--output_dir", str(tmp_path / "one"), "--gradient_accumulation_steps", "2"], tmp_path)
