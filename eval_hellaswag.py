@@ -260,8 +260,9 @@ def val_loss(model, data_dir, batch_size, seq_len, batches, accelerator=None) ->
     model.eval()
     losses = torch.zeros(batches, device=device)
     for i in range(batches):
-        window = next(reader).to(device)
+        window = next(reader)  # every process reads every batch (cheap: a memmap) to stay in step
         if i % world == rank:
+            window = window.to(device)
             logits = model(input_ids=window[:, :-1]).logits
             # A row at a time in fp32: a whole (B, T, vocab) fp32 copy would be gigabytes at GPT-2 scale.
             total = sum(F.cross_entropy(row.float(), target, reduction="sum") for row, target in zip(logits, window[:, 1:]))

@@ -1,5 +1,7 @@
 """Shared fixtures. The repo root is importable (scripts and model files live there, flat, like a Hub repo)."""
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +14,25 @@ sys.path.insert(0, str(REPO))
 # A model small enough for one CPU core, with its own small vocabulary (eot = its last id).
 VOCAB = 1000
 TINY = dict(n_layer=2, n_head=4, n_embd=64, n_positions=64, vocab_size=VOCAB, bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1)
+
+
+def script_env(**extra) -> dict:
+    """Environment for the repo's scripts in a subprocess: offline, one thread per process (two-process
+    runs share the cores), nothing from the caller's ACCELERATE_* or PYTHONPATH."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "PYTHONPATH"))}
+    offline = dict(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    return {**env, **offline, **extra}
+
+
+def run_script(command, cwd=None, **extra_env) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=cwd, env=script_env(**extra_env), capture_output=True, text=True)
+
+
+def two_cpu_processes(script: str, port: int) -> list[str]:
+    """`accelerate launch` of real 2-process DDP (gloo on CPU); run it with ACCELERATE_USE_CPU=true."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(port), str(REPO / script)]  # fmt: skip
 
 
 def shared_file(relative: str) -> Path:

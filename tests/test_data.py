@@ -3,7 +3,6 @@
 import json
 import shutil
 from itertools import islice
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -4,12 +4,11 @@ transformers' own GPT-2, a single process."""
 import json
 import os
 import re
-import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import HANDMADE_HELLASWAG, REPO, shared_file
+from conftest import HANDMADE_HELLASWAG, REPO, run_script, shared_file, two_cpu_processes
 
 import eval_hellaswag
 import prepare_data
@@ -32,11 +31,6 @@ def saved(model, tokenizer, path):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
-
-
-def environment():
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "PYTHONPATH"))}
-    return {**env, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
 
 # --- by hand ---------------------------------------------------------------------------------------
@@ -162,13 +156,10 @@ def test_side_by_side_two_processes_equal_one_and_library_gpt2_equals_ours(gpt2_
     gpt2_dir, ours_dir = gpt2_pair
     common = ["--model", gpt2_dir, "--model", ours_dir, "--hellaswag", str(data), "--limit", "30", "--batch_size", "2",
               "--data_dir", str(gpt2_data), "--val_batches", "3", "--val_batch_size", "2", "--seq_len", "32"]  # fmt: skip
-    one = subprocess.run([*EVAL, *common, "--output", str(tmp_path / "one.json")], env=environment(),
-                         capture_output=True, text=True)  # fmt: skip
+    one = run_script([*EVAL, *common, "--output", str(tmp_path / "one.json")])
     assert one.returncode == 0, one.stderr[-3000:]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29534"]  # fmt: skip
-    two = subprocess.run([*launch, str(REPO / "eval_hellaswag.py"), *common, "--output", str(tmp_path / "two.json")],
-                         env={**environment(), "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True)  # fmt: skip
+    two = run_script([*two_cpu_processes("eval_hellaswag.py", 29534), *common, "--output", str(tmp_path / "two.json")],
+                     ACCELERATE_USE_CPU="true")
     assert two.returncode == 0, two.stderr[-3000:]
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert (one["processes"], two["processes"]) == (1, 2)
@@ -233,8 +224,7 @@ def test_command_line_errors_are_one_line(gpt2_pair, gpt2_tokenizer, tmp_path, h
          "was tokenized with another tokenizer"),
     ]  # fmt: skip
     for argv, message in cases:
-        result = subprocess.run([*EVAL, *argv, "--output", str(tmp_path / "r.json")], env=environment(),
-                                capture_output=True, text=True)  # fmt: skip
+        result = run_script([*EVAL, *argv, "--output", str(tmp_path / "r.json")])
         assert result.returncode == 1, result.stderr[-2000:]
         assert re.search(message, result.stderr) and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "r.json").exists()

@@ -12,22 +12,11 @@ import pytest
 import torch
 
 import prepare_data
-from conftest import REPO
+from conftest import REPO, run_script, script_env, two_cpu_processes
 
 TRAIN = [sys.executable, str(REPO / "train_accelerate.py")]
 TINY_RUN = ["--model", "tiny", "--seq_len", "32", "--per_device_train_batch_size", "4", "--learning_rate", "3e-3",
             "--num_warmup_steps", "3", "--eval_steps", "0", "--eval_iters", "2", "--sample_prompt", "def"]  # fmt: skip
-
-
-def environment(**extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "PYTHONPATH"))}
-    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", **extra)
-    return env
-
-
-def run(command, cwd, **extra_env):
-    result = subprocess.run(command, cwd=cwd, env=environment(**extra_env), capture_output=True, text=True)
-    return result
 
 
 def losses(output_dir):
@@ -47,7 +36,7 @@ def data_dir(tmp_path_factory):
 def uninterrupted(data_dir, tmp_path_factory):
     """Reference run: 12 steps, checkpoints every 4."""
     out = tmp_path_factory.mktemp("runs") / "uninterrupted"
-    result = run([*TRAIN, *TINY_RUN, "--data_dir", str(data_dir), "--output_dir", str(out), "--max_train_steps", "12",
+    result = run_script([*TRAIN, *TINY_RUN, "--data_dir", str(data_dir), "--output_dir", str(out), "--max_train_steps", "12",
                   "--checkpointing_steps", "4"], cwd=out.parent)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     return out
@@ -79,7 +68,7 @@ def test_hellaswag_in_the_loop_equals_eval_hellaswag_on_the_export(data_dir, han
     from eval_hellaswag import evaluate_hellaswag, load_examples
 
     out = tmp_path / "run"
-    result = run([*TRAIN, *TINY_RUN, "--data_dir", str(data_dir), "--output_dir", str(out), "--max_train_steps", "4",
+    result = run_script([*TRAIN, *TINY_RUN, "--data_dir", str(data_dir), "--output_dir", str(out), "--max_train_steps", "4",
                   "--eval_steps", "2", "--checkpointing_steps", "0", "--hellaswag", str(handmade_hellaswag)], tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -110,12 +99,10 @@ def test_eval_hellaswag_loads_a_training_checkpoint_like_the_export(uninterrupte
 
 def test_two_process_ddp_equals_one_process_with_twice_the_accumulation(data_dir, tmp_path):
     common = [*TINY_RUN, "--data_dir", str(data_dir), "--max_train_steps", "6", "--checkpointing_steps", "0"]
-    one = run([*TRAIN, *common, "--output_dir", str(tmp_path / "one"), "--gradient_accumulation_steps", "2"], tmp_path)
+    one = run_script([*TRAIN, *common, "--output_dir", str(tmp_path / "one"), "--gradient_accumulation_steps", "2"], tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533"]  # fmt: skip
-    two = run([*launch, str(REPO / "train_accelerate.py"), *common, "--output_dir", str(tmp_path / "two")], tmp_path,
-              ACCELERATE_USE_CPU="true")  # fmt: skip
+    two = run_script([*two_cpu_processes("train_accelerate.py", 29533), *common, "--output_dir", str(tmp_path / "two")],
+                     tmp_path, ACCELERATE_USE_CPU="true")  # fmt: skip
     assert two.returncode == 0, two.stderr[-3000:]
     assert "2 processes x 1 accumulation" in two.stdout + two.stderr
     torch.testing.assert_close(losses(tmp_path / "two")[0], losses(tmp_path / "one")[0], rtol=1e-5, atol=1e-6)
@@ -125,7 +112,7 @@ def test_sigkill_then_resume_latest_reproduces_the_uninterrupted_losses(uninterr
     out = tmp_path / "killed"
     command = [*TRAIN, *TINY_RUN, "--data_dir", str(data_dir), "--output_dir", str(out), "--max_train_steps", "12",
                "--checkpointing_steps", "4"]  # fmt: skip
-    process = subprocess.Popen(command, cwd=tmp_path, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(command, cwd=tmp_path, env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (out / "checkpoints" / "latest").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 6:
         assert process.poll() is None and time.time() < deadline, "the run ended before it could be interrupted"
@@ -136,7 +123,7 @@ def test_sigkill_then_resume_latest_reproduces_the_uninterrupted_losses(uninterr
     # one): it must never be resumed from.
     shutil.copytree(out / "checkpoints" / "step_4", out / "checkpoints" / "step_8.tmp", dirs_exist_ok=True)
     (out / "checkpoints" / "step_8.tmp" / "model.safetensors").write_bytes(b"half")
-    resumed = run([*command, "--resume_from_checkpoint", "latest"], tmp_path)
+    resumed = run_script([*command, "--resume_from_checkpoint", "latest"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout + resumed.stderr
     loss, steps = losses(out)
@@ -161,7 +148,7 @@ def test_mistakes_end_in_one_clear_error_before_any_step(extra, message, data_di
     extra = [e.replace("MODEL_DIR", str(tmp_path / "model_dir")) for e in extra]
     extra = [e.replace("CHECKPOINT", str(uninterrupted / "checkpoints" / "step_12")) for e in extra]
     out = tmp_path / "run"
-    result = run([*TRAIN, *TINY_RUN, "--data_dir", str(data_dir), "--output_dir", str(out), *extra], tmp_path)
+    result = run_script([*TRAIN, *TINY_RUN, "--data_dir", str(data_dir), "--output_dir", str(out), *extra], tmp_path)
     assert result.returncode == 1
     assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert not (out / "metrics.jsonl").exists()
