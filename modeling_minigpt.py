@@ -248,13 +248,19 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
 
 
 def chunked_lm_head_loss(
-    hidden, weight, vocab_size, labels=None, shift_labels=None, num_items_in_batch=None, chunk_logits=2**24
+    hidden, weight, vocab_size, labels=None, shift_labels=None, num_items_in_batch=None, chunk_logits=None
 ):
     """The loss `causal_lm_loss` computes from `hidden @ weight.T`, without materializing the logits.
-    Chunks of about `chunk_logits` logits bound the extra memory (2^24: 64 MiB in fp32)."""
+
+    Chunks of about `chunk_logits` logits bound the extra memory. By default a chunk holds as many logits
+    as `hidden` has elements (Liger-Kernel's rule: the loss then needs no more memory than its input), and
+    at least 2^24 (64 MiB in fp32). Large batches thus get chunks of hundreds of rows or more, and each
+    chunk's (vocab, n_embd) weight-gradient update is spread over enough rows to stay compute-bound."""
     targets = next_token_targets(labels, shift_labels).to(hidden.device).flatten()
     hidden = hidden.flatten(0, 1)
     divisor = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
+    if chunk_logits is None:
+        chunk_logits = max(2**24, hidden.numel())
     chunk_rows = max(1, chunk_logits // weight.shape[0])
     return ChunkedLMHeadLoss.apply(hidden, weight, targets, vocab_size, divisor, chunk_rows)
 
