@@ -65,6 +65,29 @@ def test_training_loss_and_every_gradient_match_transformers(pad_vocab_size_mult
                 assert torch.all(mine_grad[grad.shape[0] :] == 0)  # padding rows
 
 
+def test_training_under_bf16_autocast_matches_transformers():
+    """GPU training runs the chunked loss under bf16 autocast (matmuls in bf16, softmax and the weight
+    gradient in fp32): loss and gradients must agree with GPT-2's under the same autocast, to bf16 precision."""
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(**TINY, embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0)).train()
+    ours = MiniGPTForCausalLM.from_gpt2(gpt2, pad_vocab_size_multiple=64).train()
+    x = torch.randint(0, VOCAB, (4, 64), generator=torch.Generator().manual_seed(3))
+    losses = []
+    for model in (gpt2, ours):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(x, labels=x).loss
+        loss.backward()
+        losses.append(loss)
+    assert losses[1].dtype == torch.float32
+    torch.testing.assert_close(losses[1], losses[0], atol=2e-2, rtol=0)
+    conv1d = ("c_attn.weight", "c_proj.weight", "c_fc.weight")
+    for name, param in gpt2.named_parameters():
+        theirs = param.grad.t() if name.endswith(conv1d) else param.grad
+        mine = ours.get_parameter(name).grad[: theirs.shape[0]]
+        assert mine.dtype == torch.float32
+        assert (mine - theirs).norm() <= 0.05 * theirs.norm(), name
+
+
 def test_chunked_loss_equals_the_plain_loss_across_uneven_chunks():
     from modeling_minigpt import causal_lm_loss, chunked_lm_head_loss
 
