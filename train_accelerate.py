@@ -170,11 +170,19 @@ class Progress:
 # --- the loop --------------------------------------------------------------------------------------
 
 
+def to_device(window: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A copy from pageable host memory makes CUDA wait for the GPU's queued work; from pinned memory it
+    is asynchronous, so the host goes on queueing the micro-step's kernels while the GPU computes."""
+    if device.type == "cuda":
+        return window.pin_memory().to(device, non_blocking=True)
+    return window.to(device)
+
+
 def train_step(accelerator, model, optimizer, batches, args):
     """One optimizer step over the accumulated micro-batches; returns (mean loss, grad norm)."""
     losses = []
     for _ in range(accelerator.gradient_accumulation_steps):
-        window = next(batches).to(accelerator.device)
+        window = to_device(next(batches), accelerator.device)
         with accelerator.accumulate(model):
             loss = model(input_ids=window[:, :-1], shift_labels=window[:, 1:]).loss
             accelerator.backward(loss)  # divides by the accumulation steps itself
