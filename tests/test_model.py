@@ -108,20 +108,22 @@ def test_chunked_loss_equals_the_plain_loss_across_uneven_chunks():
     assert grads[1][100:].abs().max() == 0
 
 
-def test_long_generation_with_the_cpu_head_copy_matches_transformers(gpt2_and_ours):
-    """At >= 32 new tokens generate() multiplies by an (n_embd, vocab) copy of the head: same tokens and
-    scores as GPT-2, and the copy is gone after the call."""
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_long_generation_through_the_cpu_head_paths_matches_transformers(gpt2_and_ours, batch_size):
+    """Decoding steps on CPU take the head through an (n_embd, vocab) copy (one sequence, >= 32 new
+    tokens) or as (W @ h.T).T (2-64 rows): same tokens and scores as GPT-2, and the copy exists only
+    during a single-sequence call."""
     gpt2, ours = gpt2_and_ours
-    used = []
-    hook = ours.register_forward_hook(lambda module, args, output: used.append(module._head_in_out is not None))
-    prompt = torch.randint(0, VOCAB - 1, (2, 8), generator=torch.Generator().manual_seed(3))
+    copy_in_use = []
+    hook = ours.register_forward_hook(lambda module, args, output: copy_in_use.append(module._head_in_out is not None))
+    prompt = torch.randint(0, VOCAB - 1, (batch_size, 8), generator=torch.Generator().manual_seed(3))
     options = dict(max_new_tokens=40, do_sample=False, pad_token_id=VOCAB - 1, eos_token_id=None,
                    output_scores=True, return_dict_in_generate=True)  # fmt: skip
     try:
         mine, theirs = ours.generate(prompt, **options), gpt2.generate(prompt, **options)
     finally:
         hook.remove()
-    assert all(used) and ours._head_in_out is None
+    assert copy_in_use == [batch_size == 1] * 40 and ours._head_in_out is None
     assert torch.equal(mine.sequences, theirs.sequences)
     torch.testing.assert_close(torch.stack(mine.scores), torch.stack(theirs.scores), atol=1e-4, rtol=0)
 
