@@ -313,7 +313,8 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
         hidden_states = outputs.last_hidden_state
         vocab_size = self.config.vocab_size
         # Compiled, the plain path below is left to the compiler to fuse: tracing would unroll the chunk loop.
-        if wants_loss and self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        chunked = self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        if wants_loss and chunked and self._head_is_plain():
             loss = chunked_lm_head_loss(hidden_states, self.lm_head.weight, vocab_size, labels, shift_labels,
                                         num_items_in_batch)  # fmt: skip
             return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values)
@@ -331,6 +332,11 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
             loss=loss, logits=logits[..., :vocab_size], past_key_values=outputs.past_key_values
         )
 
+    def _head_is_plain(self) -> bool:
+        """Whether lm_head is a plain Linear. The faster head paths read its weight directly, which would
+        bypass anything wrapping it (a PEFT adapter on lm_head, a quantized layer): those get the module."""
+        return type(self.lm_head) is nn.Linear
+
     def _head(self, hidden_states):
         """`hidden_states @ W.T` with W the (padded_vocab, n_embd) head. CPU BLAS (MKL) runs this slowly
         for the few rows of a decoding step. Measured on 2 cores at GPT-2's vocabulary: one row is 2.3x
@@ -339,7 +345,7 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
         rows = hidden_states.shape[:-1].numel()
         if rows == 1 and self._head_in_out is not None:
             return hidden_states @ self._head_in_out
-        if 1 < rows <= 64 and hidden_states.device.type == "cpu":
+        if 1 < rows <= 64 and hidden_states.device.type == "cpu" and self._head_is_plain():
             transposed = self.lm_head.weight @ hidden_states.reshape(rows, -1).t()  # (vocab, rows)
             return transposed.t().contiguous().view(*hidden_states.shape[:-1], -1)
         return self.lm_head(hidden_states)
@@ -355,7 +361,8 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
         inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
         per_input = [kwargs.get(name) or getattr(config, name) or 1 for name in ("num_beams", "num_return_sequences")]
         sequences = None if inputs is None else inputs.shape[0] * per_input[0] * per_input[1]
-        if self.lm_head.weight.device.type != "cpu" or sequences != 1 or new_tokens is None or new_tokens < 32:
+        on_cpu = self.lm_head.weight.device.type == "cpu" and self._head_is_plain()
+        if not on_cpu or sequences != 1 or new_tokens is None or new_tokens < 32:
             return super().generate(*args, **kwargs)
         self._head_in_out = self.lm_head.weight.detach().t().contiguous()
         try:
