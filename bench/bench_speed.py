@@ -195,7 +195,8 @@ def bench_script(args) -> dict:
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         script_rates = [r["tokens_per_s"] for r in rows[5:-1]]  # after warm-up, before the final eval/export
 
-        config = MiniGPTConfig.from_preset("small", vocab_size=8192, pad_vocab_size_multiple=64, bos_token_id=8191, eos_token_id=8191)
+        eot = dict(bos_token_id=8191, eos_token_id=8191)
+        config = MiniGPTConfig.from_preset("small", vocab_size=8192, pad_vocab_size_multiple=64, **eot)
         bare = train_step_runner(MiniGPTForCausalLM(config), torch.randint(0, 8192, (16, 256)), steps=5)
         bare_rates = [bare() for _ in range(args.rounds)]
     ratio = statistics.median(script_rates) / statistics.median(bare_rates)

@@ -115,7 +115,7 @@ def test_long_generation_through_the_cpu_head_paths_matches_transformers(gpt2_an
     during a single-sequence call."""
     gpt2, ours = gpt2_and_ours
     copy_in_use = []
-    hook = ours.register_forward_hook(lambda module, args, output: copy_in_use.append(module._head_in_out is not None))
+    hook = ours.register_forward_hook(lambda module, *_: copy_in_use.append(module._head_in_out is not None))
     prompt = torch.randint(0, VOCAB - 1, (batch_size, 8), generator=torch.Generator().manual_seed(3))
     options = dict(max_new_tokens=40, do_sample=False, pad_token_id=VOCAB - 1, eos_token_id=None,
                    output_scores=True, return_dict_in_generate=True)  # fmt: skip
