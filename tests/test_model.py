@@ -18,6 +18,12 @@ def gpt2_and_ours():
     return gpt2, ours
 
 
+def gpt2_grad_in_our_layout(name, param):
+    """GPT-2's Conv1D weights are stored (in, out), ours (out, in) as nn.Linear."""
+    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    return param.grad.t() if name.endswith(conv1d) else param.grad
+
+
 def tiny_model(**overrides):
     torch.manual_seed(0)
     return MiniGPTForCausalLM(MiniGPTConfig(**{**TINY, **overrides})).eval()
@@ -56,9 +62,8 @@ def test_training_loss_and_every_gradient_match_transformers(pad_vocab_size_mult
         assert mine.logits is None
         torch.testing.assert_close(mine.loss, theirs.loss, atol=1e-5, rtol=0)
         theirs.loss.backward(), mine.loss.backward()
-        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         for name, param in gpt2.named_parameters():
-            grad = param.grad.t() if name.endswith(conv1d) else param.grad
+            grad = gpt2_grad_in_our_layout(name, param)
             mine_grad = ours.get_parameter(name).grad
             torch.testing.assert_close(mine_grad[: grad.shape[0]], grad, atol=1e-5, rtol=1e-4, msg=name)
             if name == "transformer.wte.weight":
@@ -80,9 +85,8 @@ def test_training_under_bf16_autocast_matches_transformers():
         losses.append(loss)
     assert losses[1].dtype == torch.float32
     torch.testing.assert_close(losses[1], losses[0], atol=2e-2, rtol=0)
-    conv1d = ("c_attn.weight", "c_proj.weight", "c_fc.weight")
     for name, param in gpt2.named_parameters():
-        theirs = param.grad.t() if name.endswith(conv1d) else param.grad
+        theirs = gpt2_grad_in_our_layout(name, param)
         mine = ours.get_parameter(name).grad[: theirs.shape[0]]
         assert mine.dtype == torch.float32
         assert (mine - theirs).norm() <= 0.05 * theirs.norm(), name
