@@ -38,6 +38,7 @@ class CausalSelfAttention(nn.Module):
         self.layer_idx = layer_idx  # which slot of the KV cache is ours
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_proj.is_residual_projection = True  # its init is scaled by depth: see _init_weights
         self.attn_pdrop = config.attn_pdrop
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
@@ -64,6 +65,7 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_proj.is_residual_projection = True  # its init is scaled by depth: see _init_weights
         self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x):
@@ -96,9 +98,16 @@ class MiniGPTPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        # transformers' `init` helpers leave tensors that were loaded from a checkpoint untouched.
+        """GPT-2's init: normal(0, 0.02) weights, zero biases, LayerNorm 1 and 0. transformers calls this
+        once per module, skipping (for custom code) modules with no parameters of their own, such as
+        attention and MLP; so the residual scaling is decided on the Linear itself, never on its parent.
+        The `init` helpers leave tensors that were loaded from a checkpoint untouched."""
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
+            if getattr(module, "is_residual_projection", False):
+                # GPT-2 paper: "scale the weights of residual layers at initialization by a factor of
+                # 1/sqrt(N) where N is the number of residual layers" (two per block: attention and MLP).
+                std = std / math.sqrt(2 * self.config.n_layer)
             init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
@@ -107,10 +116,6 @@ class MiniGPTPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
-        # GPT-2 paper: "scale the weights of residual layers at initialization by a factor of 1/sqrt(N)
-        # where N is the number of residual layers" (two per block: attention and MLP).
-        if isinstance(module, (CausalSelfAttention, MLP)):
-            init.normal_(module.c_proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
 
 
 class MiniGPTModel(MiniGPTPreTrainedModel):
