@@ -215,6 +215,7 @@ def evaluate(accelerator, model, examples, tokenizer, args, seq_len) -> dict:
 def generate_samples(model, tokenizer, prompt, seed, n=2, max_new_tokens=40) -> list[str]:
     model.eval()
     inputs = tokenizer([prompt] * n, return_tensors="pt").to(model.device)
+    max_new_tokens = min(max_new_tokens, model.config.n_positions - inputs["input_ids"].shape[1])  # stay in context
     generator_state = torch.random.get_rng_state()  # sampling must not shift the training RNG
     torch.manual_seed(seed)
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=True, top_k=50,

@@ -1,6 +1,7 @@
 """train_accelerate.py as users run it: real processes, real DDP (gloo on CPU), real files."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -10,9 +11,11 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import prepare_data
 from conftest import REPO, run_script, script_env, two_cpu_processes
+from token_shards import ShardedTokens, read_meta
 
 TRAIN = [sys.executable, str(REPO / "train_accelerate.py")]
 TINY_RUN = ["--model", "tiny", "--seq_len", "32", "--per_device_train_batch_size", "4", "--learning_rate", "3e-3",
@@ -95,6 +98,67 @@ def test_eval_hellaswag_loads_a_training_checkpoint_like_the_export(uninterrupte
         model, tokenizer = load(str(path), None, "cpu", torch.float32)
         scores.append(evaluate_hellaswag(model, tokenizer, examples)["scored"])
     assert scores[0] == scores[1]
+
+
+def test_the_loop_trains_like_a_plain_pytorch_loop_on_transformers_gpt2(data_dir, tmp_path):
+    """Golden test: train_accelerate.py's losses, lr and grad norms step for step against an independent
+    reference: the same initial weights in transformers' GPT2LMHeadModel, the same windows in the reader's
+    order, and a plain loop written here (AdamW with decay on weights but not biases or LayerNorms, the
+    warmup+cosine values computed by hand, clipping, loss averaged over accumulated micro-batches).
+    An evaluation mid-run must not disturb training."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from configuration_minigpt import MiniGPTConfig
+    from modeling_minigpt import MiniGPTForCausalLM
+
+    steps, warmup, accumulation, batch, seq_len = 20, 5, 2, 4, 32
+    peak, floor, weight_decay, max_grad_norm = 3e-3, 3e-4, 0.1, 1.0
+    meta = read_meta(data_dir)
+    shape = dict(n_layer=2, n_head=4, n_embd=64, n_positions=seq_len, vocab_size=meta["vocab_size"])
+    torch.manual_seed(0)
+    ours = MiniGPTForCausalLM(MiniGPTConfig(**shape, bos_token_id=meta["eot_token_id"], eos_token_id=meta["eot_token_id"]))
+    ours.save_pretrained(tmp_path / "init")
+    out = tmp_path / "run"
+    result = run_script([*TRAIN, "--model", str(tmp_path / "init"), "--data_dir", str(data_dir), "--output_dir", str(out),
+                         "--seq_len", str(seq_len), "--per_device_train_batch_size", str(batch),
+                         "--gradient_accumulation_steps", str(accumulation), "--max_train_steps", str(steps),
+                         "--num_warmup_steps", str(warmup), "--learning_rate", str(peak), "--min_lr_ratio", "0.1",
+                         "--weight_decay", str(weight_decay), "--max_grad_norm", str(max_grad_norm),
+                         "--eval_steps", "10", "--eval_iters", "2", "--checkpointing_steps", "0"], tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(**shape, embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0)).train()
+    conv1d = ("c_attn.weight", "c_proj.weight", "c_fc.weight")  # stored (in, out) by GPT-2
+    gpt2.load_state_dict({k: v.t() if k.endswith(conv1d) else v for k, v in ours.state_dict().items()})
+    named = list(gpt2.named_parameters())
+    decayed = [p for n, p in named if n.endswith(".weight") and ".ln_" not in n]
+    not_decayed = [p for n, p in named if n.endswith(".bias") or ".ln_" in n]
+    assert len(decayed) + len(not_decayed) == len(named) and len(decayed) == 4 * shape["n_layer"] + 2  # + wte, wpe
+    optimizer = torch.optim.AdamW([{"params": decayed, "weight_decay": weight_decay}, {"params": not_decayed, "weight_decay": 0.0}],
+                                  betas=(0.9, 0.95), eps=1e-8)  # fmt: skip
+    windows = ShardedTokens(data_dir, "train", batch, seq_len, seed=1337)  # the training run's default seed
+    for step in range(steps):
+        lr = peak * (step + 1) / warmup if step < warmup else floor + (peak - floor) * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup))) / 2
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        losses = []
+        for _ in range(accumulation):
+            window = next(windows)
+            logits = gpt2(window[:, :-1]).logits
+            loss = F.cross_entropy(logits.flatten(0, 1), window[:, 1:].flatten())
+            (loss / accumulation).backward()
+            losses.append(loss.item())
+        norm = torch.nn.utils.clip_grad_norm_(gpt2.parameters(), max_grad_norm).item()
+        optimizer.step()
+        optimizer.zero_grad()
+        row = logged[step]
+        assert row["step"] == step and row["lr"] == pytest.approx(lr, rel=1e-12)
+        assert row["loss"] == pytest.approx(sum(losses) / accumulation, rel=2e-6), f"step {step}"
+        assert row["grad_norm"] == pytest.approx(norm, rel=2e-6), f"step {step}"
+    norms = [row["grad_norm"] for row in logged]
+    assert min(norms) < max_grad_norm < max(norms)  # clipping both engaged and not
+    assert logged[-1]["loss"] < logged[0]["loss"] - 0.5
 
 
 def test_two_process_ddp_equals_one_process_with_twice_the_accumulation(data_dir, tmp_path):
