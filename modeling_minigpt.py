@@ -42,7 +42,9 @@ class CausalSelfAttention(nn.Module):
         self.attn_pdrop = config.attn_pdrop
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
-    def forward(self, x, attn_mask=None, past_key_values=None):
+    def forward(self, x, attn_mask=None, past_key_values=None, output_attentions=False):
+        """`attn_mask` None means plain causal attention: over a full sequence, or one new token seeing
+        every cached one. Returns the output and, only when asked, the attention weights."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -50,13 +52,28 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)  # (B, nh, past + T, hs)
-        # Without a mask, a full sequence takes SDPA's is_causal kernel and one new token sees everything.
-        is_causal = attn_mask is None and T == k.shape[2] and T > 1
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_pdrop if self.training else 0.0, is_causal=is_causal
-        )
+        dropout = self.attn_pdrop if self.training else 0.0
+        if output_attentions:
+            y, weights = attention_with_weights(q, k, v, attn_mask, dropout)
+        else:
+            # A full sequence without a mask takes SDPA's is_causal kernel. Under torch.compile with dynamic
+            # shapes `T > 1` is a symbolic bool, which SDPA refuses: branching on it makes it a guard instead.
+            is_causal = True if attn_mask is None and T > 1 else False
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal)
+            weights = None
         y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble all head outputs side by side
-        return self.resid_dropout(self.c_proj(y))
+        return self.resid_dropout(self.c_proj(y)), weights
+
+
+def attention_with_weights(q, k, v, attn_mask, dropout):
+    """What SDPA computes, written out so the (B, nh, T, S) attention weights can be returned: it holds
+    that tensor in memory and runs unfused, so it is used only when `output_attentions` asks for them."""
+    T, S = q.shape[2], k.shape[2]
+    if attn_mask is None:  # causal, with the queries being the last T of the S positions
+        attn_mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, nh, T, S)
+    weights = scores.masked_fill(~attn_mask, float("-inf")).softmax(dim=-1)
+    return F.dropout(weights, dropout) @ v, weights
 
 
 class MLP(nn.Module):
@@ -82,9 +99,10 @@ class Block(GradientCheckpointingLayer):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, attn_mask=None, past_key_values=None):
-        x = x + self.attn(self.ln_1(x), attn_mask=attn_mask, past_key_values=past_key_values)
-        return x + self.mlp(self.ln_2(x))
+    def forward(self, x, attn_mask=None, past_key_values=None, output_attentions=False):
+        attended, weights = self.attn(self.ln_1(x), attn_mask, past_key_values, output_attentions)
+        x = x + attended
+        return x + self.mlp(self.ln_2(x)), weights
 
 
 class MiniGPTPreTrainedModel(PreTrainedModel):
@@ -144,57 +162,93 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
         past_key_values=None,
         inputs_embeds=None,
         use_cache=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        """As transformers' GPT2Model: `hidden_states` are the embeddings' output and every block's (the last
+        after `ln_f`); `attentions` come from an unfused path, so they cost time and memory when asked for."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        output_attentions = _flag(output_attentions, self.config.output_attentions)
+        output_hidden_states = _flag(output_hidden_states, self.config.output_hidden_states)
         if inputs_embeds is None:
             inputs_embeds = self.wte(input_ids)
-        B, T = inputs_embeds.shape[:2]
+        T = inputs_embeds.shape[1]
         if use_cache is None:  # a cache only pays off when generating; in training it just holds memory
             use_cache = self.config.use_cache and not self.training
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if past_length + T > self.config.n_positions:
+        cache = past_key_values if use_cache else None
+        # A static cache (what compiled generation uses) counts its tokens in a tensor and hands attention
+        # all of its preallocated slots; a dynamic one counts in Python and hands over exactly past + T keys.
+        past_length = cache.get_seq_length() if cache is not None else 0
+        if not torch.is_tensor(past_length) and past_length + T > self.config.n_positions:
             raise ValueError(
                 f"sequence of {past_length + T} tokens ({past_length} cached + {T} new) is longer than the "
                 f"model's context of n_positions={self.config.n_positions}"
             )
+        prepared_mask = attention_mask is not None and attention_mask.dim() == 4  # (B, 1, T, keys): used as is
+        padding = None if prepared_mask else attention_mask
         if position_ids is None:
-            position_ids = _position_ids(attention_mask, past_length, T, inputs_embeds.device)
-        attn_mask = None if attention_mask is None else _padding_causal_mask(attention_mask, past_length, T)
+            position_ids = _position_ids(padding, past_length, T, inputs_embeds.device)
+        attn_mask = None  # causal: a full sequence, or one new token that sees the whole dynamic cache
+        if prepared_mask:  # generate prepares one for a static cache
+            attn_mask = attention_mask
+        elif padding is not None or (cache is not None and (cache.is_compileable or (T > 1 and past_length > 0))):
+            key_length = cache.get_mask_sizes(T, 0)[0] if cache is not None else T
+            attn_mask = _causal_mask(padding, past_length, T, key_length, inputs_embeds.device)
 
         x = self.drop(inputs_embeds + self.wpe(position_ids))
+        hidden_states, attentions = [], []
         for block in self.h:
-            x = block(x, attn_mask=attn_mask, past_key_values=past_key_values if use_cache else None)
+            hidden_states.append(x)
+            x, weights = block(x, attn_mask, cache, output_attentions)
+            attentions.append(weights)
         x = self.ln_f(x)
-        return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=past_key_values if use_cache else None)
+        output = BaseModelOutputWithPast(
+            last_hidden_state=x,
+            past_key_values=cache,
+            hidden_states=(*hidden_states, x) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
+        )
+        return output if _flag(return_dict, self.config.return_dict) else output.to_tuple()
+
+
+def _flag(value, default) -> bool:
+    """A per-call output option, else the config's (transformers' convention)."""
+    return default if value is None else value
 
 
 def _position_ids(attention_mask, past_length, T, device):
     """Positions of the T new tokens. With padding they count only real tokens, so a left-padded prompt
     gets the same positions as the prompt alone."""
+    new_tokens = torch.arange(T, device=device) + past_length  # (T,): past_length may be a tensor
     if attention_mask is None:
-        return torch.arange(past_length, past_length + T, device=device).unsqueeze(0)  # (1, T)
-    positions = attention_mask.long().cumsum(-1) - 1
-    return positions.clamp(min=0)[:, -T:]  # (B, T)
+        return new_tokens.unsqueeze(0)  # (1, T)
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return positions[:, new_tokens]  # (B, T)
 
 
-def _padding_causal_mask(attention_mask, past_length, T):
-    """Boolean (B, 1, T, past + T) mask: causal and blind to padded keys.
+def _causal_mask(attention_mask, past_length, T, key_length, device):
+    """Boolean (B or 1, 1, T, key_length) mask: query i (position past + i) sees keys up to its own
+    position, and with `attention_mask` only real ones. Slots of a preallocated cache beyond the newest
+    token lie in every query's future, so causality hides them too.
 
     A left-padding query has no real key before it. Letting it see itself guarantees a finite softmax on
     every SDPA backend (not all of them special-case all-masked rows); real tokens never attend to
     padding, so their outputs do not change.
     """
-    key_length = attention_mask.shape[-1]
-    assert key_length == past_length + T, f"attention_mask covers {key_length} tokens, expected {past_length + T}"
-    query_positions = torch.arange(past_length, past_length + T, device=attention_mask.device)[:, None]
-    key_positions = torch.arange(key_length, device=attention_mask.device)[None, :]
-    causal = key_positions <= query_positions  # (T, key_length)
+    query_positions = (torch.arange(T, device=device) + past_length)[:, None]
+    key_positions = torch.arange(key_length, device=device)[None, :]
+    mask = key_positions <= query_positions  # (T, key_length)
+    if attention_mask is None:
+        return mask[None, None]
+    if attention_mask.shape[-1] != key_length:
+        raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} tokens; the keys are {key_length}")
     is_real_key = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, key_length)
-    return (causal & is_real_key) | (key_positions == query_positions)
+    return (mask & is_real_key) | (key_positions == query_positions)
 
 
 def next_token_targets(labels=None, shift_labels=None):
@@ -298,14 +352,19 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
         labels=None,
         use_cache=None,
         logits_to_keep=0,
-        shift_labels=None,
         num_items_in_batch=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """`labels` are the inputs themselves (shifted inside), or `shift_labels` the next tokens.
-        `logits_to_keep`: an int keeps the last that many positions (0 keeps all; generate asks for 1),
-        a tensor selects positions. Training with a loss (train mode, gradients on, eager) returns no
-        logits: the loss then comes from `chunked_lm_head_loss`, which never holds all of them."""
+        """`labels` are the inputs themselves (shifted inside), or `shift_labels=` (a keyword, as transformers'
+        loss functions take it) the next tokens. Only `labels` is named in the signature: the Trainer treats
+        every argument with "label" in its name as a label column. `logits_to_keep`: an int keeps the last
+        that many positions (0 keeps all; generate asks for 1), a tensor selects positions. Training with a
+        loss (train mode, gradients on, eager) returns no logits: the loss then comes from
+        `chunked_lm_head_loss`, which never holds all of them."""
+        shift_labels = kwargs.get("shift_labels")
         wants_loss = labels is not None or shift_labels is not None
         outputs = self.transformer(
             input_ids,
@@ -314,28 +373,38 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
         )
         hidden_states = outputs.last_hidden_state
         vocab_size = self.config.vocab_size
+        loss, logits = None, None
         # Compiled, the plain path below is left to the compiler to fuse: tracing would unroll the chunk loop.
         chunked = self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling()
         if wants_loss and chunked and self._head_is_plain():
             loss = chunked_lm_head_loss(hidden_states, self.lm_head.weight, vocab_size, labels, shift_labels,
                                         num_items_in_batch)  # fmt: skip
-            return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values)
-        if not wants_loss:  # the loss needs every position; inference rarely does
-            positions = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-            hidden_states = hidden_states[:, positions]
-        logits = self._head(hidden_states)  # (B, T, padded_vocab_size)
-        if logits.shape[-1] > vocab_size:
-            # Padding rows exist only for matmul shapes: -inf keeps them out of softmax, loss and sampling.
-            logits[..., vocab_size:] = float("-inf")
-        loss = causal_lm_loss(logits, labels, shift_labels, num_items_in_batch) if wants_loss else None
-        if wants_loss and logits_to_keep:
-            logits = logits[:, -logits_to_keep:] if isinstance(logits_to_keep, int) else logits[:, logits_to_keep]
-        return CausalLMOutputWithPast(
-            loss=loss, logits=logits[..., :vocab_size], past_key_values=outputs.past_key_values
+        else:
+            if not wants_loss:  # the loss needs every position; inference rarely does
+                positions = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+                hidden_states = hidden_states[:, positions]
+            logits = self._head(hidden_states)  # (B, T, padded_vocab_size)
+            if logits.shape[-1] > vocab_size:
+                # Padding rows exist only for matmul shapes: -inf keeps them out of softmax, loss and sampling.
+                logits[..., vocab_size:] = float("-inf")
+            if wants_loss:
+                loss = causal_lm_loss(logits, labels, shift_labels, num_items_in_batch)
+                if logits_to_keep:
+                    logits = logits[:, -logits_to_keep:] if isinstance(logits_to_keep, int) else logits[:, logits_to_keep]
+            logits = logits[..., :vocab_size]
+        output = CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
         )
+        return output if _flag(return_dict, self.config.return_dict) else output.to_tuple()
 
     def _head_is_plain(self) -> bool:
         """Whether lm_head is a plain Linear. The faster head paths read its weight directly, which would
@@ -350,7 +419,8 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
         rows = hidden_states.shape[:-1].numel()
         if rows == 1 and self._head_in_out is not None:
             return hidden_states @ self._head_in_out
-        if 1 < rows <= 64 and hidden_states.device.type == "cpu" and self._head_is_plain():
+        eager_cpu = hidden_states.device.type == "cpu" and not torch.compiler.is_compiling()  # compiled: its kernels
+        if eager_cpu and 1 < rows <= 64 and self._head_is_plain():
             transposed = self.lm_head.weight @ hidden_states.reshape(rows, -1).t()  # (vocab, rows)
             return transposed.t().contiguous().view(*hidden_states.shape[:-1], -1)
         return self.lm_head(hidden_states)
@@ -360,10 +430,22 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
         by the head, which runs 2.3x faster against an (n_embd, vocab) copy of it (see `_head`; GPT-2's
         head: 7.8 vs 3.3 ms a token). Making the copy costs about 15-30 such steps, so it is made for
         single-sequence calls that ask for at least 32 new tokens, and lives only during the call: it can
-        never go stale when the weights change."""
+        never go stale when the weights change.
+
+        A request that cannot fit the context (prompt + new tokens > n_positions) is refused before any
+        token is generated, rather than failing at the first position past the context."""
         config = kwargs.get("generation_config") or self.generation_config
         new_tokens = kwargs.get("max_new_tokens", config.max_new_tokens)
         inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+        if inputs is not None and inputs.dim() == 2:
+            prompt = inputs.shape[1]
+            total = prompt + new_tokens if new_tokens is not None else kwargs.get("max_length", config.max_length)
+            if total > self.config.n_positions:
+                raise ValueError(
+                    f"a prompt of {prompt} tokens plus {total - prompt} new ones is {total} tokens, longer than the "
+                    f"model's context of n_positions={self.config.n_positions}: ask for at most "
+                    f"{max(0, self.config.n_positions - prompt)} new tokens or shorten the prompt"
+                )
         per_input = [kwargs.get(name) or getattr(config, name) or 1 for name in ("num_beams", "num_return_sequences")]
         sequences = None if inputs is None else inputs.shape[0] * per_input[0] * per_input[1]
         on_cpu = self.lm_head.weight.device.type == "cpu" and self._head_is_plain()

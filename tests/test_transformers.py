@@ -1,0 +1,131 @@
+"""The transformers contract beyond `generate`: Trainer, output options, torch.compile with changing
+shapes, the static cache, and requests longer than the context. References are transformers' own
+GPT2LMHeadModel and the eager model."""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from conftest import TINY, VOCAB
+from modeling_minigpt import MiniGPTForCausalLM
+
+GREEDY = dict(do_sample=False, pad_token_id=VOCAB - 1)
+
+
+@pytest.fixture(scope="module")
+def gpt2_and_ours():
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(**TINY, attn_implementation="eager")).eval()
+    return gpt2, MiniGPTForCausalLM.from_gpt2(gpt2).eval()
+
+
+def test_trainer_train_then_evaluate_reports_eval_loss(tmp_path):
+    """Trainer treats every forward argument with "label" in its name as a label column: with a second
+    one it returned no eval_loss. The number must be the model's own mean loss on the eval set."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    model = MiniGPTForCausalLM.from_gpt2(GPT2LMHeadModel(GPT2Config(**TINY)))
+    ids = torch.randint(0, VOCAB, (12, 16), generator=torch.Generator().manual_seed(3))
+    rows = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
+                             per_device_eval_batch_size=4, report_to=[], use_cpu=True)  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=rows, eval_dataset=rows)
+    assert trainer.label_names == ["labels"]
+    trainer.train()
+    metrics = trainer.evaluate()
+    model.eval()
+    with torch.no_grad():
+        expected = torch.stack([model(ids[i : i + 4], labels=ids[i : i + 4]).loss for i in range(0, 12, 4)]).mean()
+    assert metrics["eval_loss"] == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_hidden_states_attentions_and_tuples_equal_gpt2(gpt2_and_ours):
+    gpt2, ours = gpt2_and_ours
+    x = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        theirs = gpt2(x, output_hidden_states=True, output_attentions=True)
+        mine = ours(x, output_hidden_states=True, output_attentions=True)
+        plain = ours(x)
+    assert len(mine.hidden_states) == len(theirs.hidden_states) == TINY["n_layer"] + 1
+    for a, b in zip(mine.hidden_states, theirs.hidden_states):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert len(mine.attentions) == TINY["n_layer"]
+    for a, b in zip(mine.attentions, theirs.attentions):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    torch.testing.assert_close(mine.logits, plain.logits, atol=1e-5, rtol=0)  # the unfused path computes the same
+    assert plain.hidden_states is None and plain.attentions is None
+
+    with torch.no_grad():  # a decoding step: one query against the cached keys
+        prefix = ours(x[:, :-1], use_cache=True)
+        step = ours(x[:, -1:], past_key_values=prefix.past_key_values, output_attentions=True)
+    torch.testing.assert_close(step.attentions[1], theirs.attentions[1][:, :, -1:], atol=1e-6, rtol=0)
+
+    with torch.no_grad():
+        mine_tuple = ours(x, labels=x, return_dict=False, use_cache=False)
+        theirs_tuple = gpt2(x, labels=x, return_dict=False, use_cache=False)
+    assert isinstance(mine_tuple, tuple) and len(mine_tuple) == len(theirs_tuple) == 2  # (loss, logits)
+    torch.testing.assert_close(mine_tuple[1], theirs_tuple[1], atol=1e-5, rtol=0)
+
+
+def test_training_compiles_once_for_changing_lengths_without_graph_breaks():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch.manual_seed(0)
+    model = MiniGPTForCausalLM.from_gpt2(GPT2LMHeadModel(GPT2Config(**TINY, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))).train()
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, dynamic=True, fullgraph=True)
+    batches = [torch.randint(0, VOCAB, (2, n), generator=torch.Generator().manual_seed(n)) for n in (16, 24, 40)]
+    graphs = []
+    for x in batches:
+        torch.testing.assert_close(compiled(x, labels=x).loss, model(x, labels=x).loss)
+        graphs.append(counter.frame_count)
+    assert graphs[0] == graphs[-1]  # what the first length compiled serves every length: no recompiles
+    for x in batches:
+        explanation = torch._dynamo.explain(model)(x, labels=x)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_compiled_generation_with_dynamic_and_static_caches_equals_eager(gpt2_and_ours):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    _, ours = gpt2_and_ours
+    prompts = [torch.randint(0, VOCAB, (1, n), generator=torch.Generator().manual_seed(n)) for n in (5, 9, 14)]
+    eager = [ours.generate(p, max_new_tokens=20, **GREEDY) for p in prompts]
+    for cache in ("dynamic", "static"):
+        torch._dynamo.reset()
+        counter = CompileCounterWithBackend("aot_eager")
+        forward = ours.forward
+        ours.forward = torch.compile(forward, backend=counter, dynamic=cache == "dynamic", fullgraph=True)
+        try:
+            for prompt, expected in zip(prompts, eager):
+                assert torch.equal(ours.generate(prompt, max_new_tokens=20, cache_implementation=cache, **GREEDY), expected)
+        finally:
+            ours.forward = forward
+        # dynamic: prefill and decoding, for every prompt length; static: the cache keeps every decoding shape
+        assert counter.frame_count <= 3 if cache == "dynamic" else counter.frame_count <= 2 * len(prompts), counter.frame_count
+
+
+def test_static_cache_with_left_padding_equals_the_dynamic_cache(gpt2_and_ours):
+    _, ours = gpt2_and_ours
+    x = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(x)
+    mask[0, :3] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=15, output_scores=True, return_dict_in_generate=True, **GREEDY)
+    dynamic, static = ours.generate(x, **kw), ours.generate(x, cache_implementation="static", **kw)
+    assert torch.equal(static.sequences, dynamic.sequences)
+    torch.testing.assert_close(torch.stack(static.scores), torch.stack(dynamic.scores), atol=1e-5, rtol=0)
+
+
+def test_generating_past_the_context_is_refused_before_any_work(gpt2_and_ours):
+    _, ours = gpt2_and_ours
+    calls = []
+    hook = ours.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match=r"a prompt of 60 tokens plus 10 new ones is 70 tokens.*at most 4 new tokens"):
+            ours.generate(torch.zeros(1, 60, dtype=torch.long), max_new_tokens=10, **GREEDY)
+    finally:
+        hook.remove()
+    assert calls == []
