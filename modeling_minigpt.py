@@ -475,20 +475,16 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
         differing = [f"{name}={got!r} (need {want!r})" for name, (got, want) in unsupported.items() if got != want]
         if differing:
             raise ValueError(f"GPT-2 checkpoint uses options MiniGPT does not implement: {', '.join(differing)}")
-        fields = ["vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "layer_norm_epsilon",
-                  "initializer_range", "embd_pdrop", "resid_pdrop", "attn_pdrop"]  # fmt: skip
-        config = MiniGPTConfig(**{**{name: getattr(g, name) for name in fields}, **config_overrides})
+        config = MiniGPTConfig(**{**{name: getattr(g, name) for name in GPT2_CONFIG_FIELDS}, **config_overrides})
         model = cls(config).to(gpt2.dtype)
 
-        # OpenAI stored these as Conv1D, (in, out): nn.Linear wants (out, in).
-        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         theirs = {k: v for k, v in gpt2.state_dict().items() if k.startswith("transformer.")}
         ours = {k: v for k, v in model.state_dict().items() if k.startswith("transformer.")}
         if theirs.keys() != ours.keys():
             raise ValueError(f"GPT-2 checkpoint keys differ: {sorted(theirs.keys() ^ ours.keys())}")
         with torch.no_grad():
             for key, target in ours.items():
-                weight = theirs[key].t() if key.endswith(conv1d) else theirs[key]
+                weight = theirs[key].t() if key.endswith(CONV1D_WEIGHTS) else theirs[key]
                 if key == "transformer.wte.weight":  # padded rows keep their init: never used
                     target = target[: weight.shape[0]]
                 if weight.shape != target.shape:
@@ -496,6 +492,31 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
                 target.copy_(weight)
         return model
 
+    def to_gpt2(self):
+        """The inverse of `from_gpt2`: transformers' own `GPT2LMHeadModel` with these weights (Conv1D layout,
+        vocabulary padding dropped) and identical logits, for the runtimes that serve GPT-2 but run no
+        remote code (vLLM, TGI, llama.cpp's converter, ONNX exporters)."""
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        c = self.config
+        config = GPT2Config(**{name: getattr(c, name) for name in GPT2_CONFIG_FIELDS}, activation_function="gelu_new",
+                            tie_word_embeddings=c.tie_word_embeddings)  # fmt: skip
+        with torch.device("meta"):  # no init: every tensor is assigned below
+            gpt2 = GPT2LMHeadModel(config)
+        state = {}
+        for key, tensor in self.state_dict().items():
+            tensor = tensor.t() if key.endswith(CONV1D_WEIGHTS) else tensor
+            state[key] = (tensor[: c.vocab_size] if key in ("transformer.wte.weight", "lm_head.weight") else tensor).clone()
+        gpt2.load_state_dict(state, assign=True)
+        gpt2.tie_weights()
+        return gpt2.eval() if not self.training else gpt2
+
+
+# The hyperparameters MiniGPTConfig and transformers' GPT2Config share, under the same names.
+GPT2_CONFIG_FIELDS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "layer_norm_epsilon",
+                      "initializer_range", "embd_pdrop", "resid_pdrop", "attn_pdrop", "bos_token_id", "eos_token_id")  # fmt: skip
+# OpenAI stored these as Conv1D, (in, out); nn.Linear holds (out, in).
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 # Hub integration: `save_pretrained` copies this file and configuration_minigpt.py next to the weights
 # and writes `auto_map` into config.json, so `from_pretrained(..., trust_remote_code=True)` works anywhere.

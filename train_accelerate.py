@@ -24,11 +24,13 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from tqdm import tqdm
 from transformers import AutoTokenizer, GenerationConfig
 
 from configuration_minigpt import PRESETS, MiniGPTConfig
 from eval_hellaswag import evaluate_hellaswag, load_examples, val_loss
+from export_gpt2 import export_gpt2
 from modeling_minigpt import MiniGPTForCausalLM
 from prepare_data import tokenizer_sha256
 from token_shards import ShardedTokens, ShardError, read_meta
@@ -72,6 +74,9 @@ def parse_args(argv=None):
     p.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, all, ... (with --with_tracking)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    p.add_argument("--export_gpt2", action="store_true",
+                   help="also write output_dir/final-gpt2: a native GPT2LMHeadModel folder (no remote code)")  # fmt: skip
+    p.add_argument("--license", default="mit", help="the license the model card declares")
     p.add_argument("--push_to_hub", action="store_true")
     p.add_argument("--hub_model_id", default=None)
     args = p.parse_args(argv)
@@ -245,6 +250,17 @@ def checkpoint_root(args) -> Path:
     return args.output_dir / "checkpoints"
 
 
+def save_tied_head_once(models, weights, output_dir):
+    """`save_state` pre-hook. A state_dict names the tied head twice (`lm_head.weight`, the embedding);
+    safetensors stores a tensor once, so accelerate would drop the alias itself and warn at every save.
+    Dropping it here writes the same file; `load_state` (safetensors' `load_model`) re-ties it."""
+    for state in weights:
+        for head in [name for name in state if name.endswith("lm_head.weight")]:
+            embedding = head.replace("lm_head.weight", "transformer.wte.weight")
+            if embedding in state and state[head].data_ptr() == state[embedding].data_ptr():
+                del state[head]
+
+
 def save_checkpoint(accelerator, model, args, step):
     """`save_state` into a temporary directory, renamed when complete; `latest` then names it."""
     root = checkpoint_root(args)
@@ -303,29 +319,58 @@ def export(accelerator, model, args, summary, destination: Path):
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.save_pretrained(temporary, is_main_process=accelerator.is_main_process, save_function=accelerator.save)
     if accelerator.is_main_process:
-        tokenizer = AutoTokenizer.from_pretrained(Path(args.data_dir) / "tokenizer")
-        tokenizer.save_pretrained(temporary)
+        exported_tokenizer(args.data_dir, unwrapped.config).save_pretrained(temporary)
         eot = unwrapped.config.eos_token_id
         GenerationConfig(bos_token_id=eot, eos_token_id=eot, pad_token_id=eot, do_sample=True, top_k=50,
                          max_new_tokens=64).save_pretrained(temporary)  # fmt: skip
-        (temporary / "README.md").write_text(model_card(args, summary))
+        model_card(args, summary).save(temporary / "README.md")
         if (args.output_dir / "loss.png").exists():
             shutil.copy(args.output_dir / "loss.png", temporary / "loss.png")
         shutil.rmtree(destination, ignore_errors=True)
         os.replace(temporary, destination)
+        if args.export_gpt2:
+            export_gpt2(destination, destination.with_name(destination.name + "-gpt2"))
     accelerator.wait_for_everyone()
 
 
-def model_card(args, summary) -> str:
+def exported_tokenizer(data_dir, config):
+    """The data's tokenizer, set up for the model: truncation at its context, and a pad token (eot, as
+    GPT-2 has none) on the left, where generation needs the padding."""
+    tokenizer = AutoTokenizer.from_pretrained(Path(data_dir) / "tokenizer", model_max_length=config.n_positions,
+                                              padding_side="left")  # init arguments are what save_pretrained keeps
+    tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def model_card(args, summary) -> ModelCard:
+    """The card's metadata (license, pipeline tag, datasets, base model, and a model-index with the val
+    loss and HellaSwag) through huggingface_hub, which the Hub parses; the body is the run's table."""
     meta = read_meta(args.data_dir)
+    source = meta["source"]
+    hub_dataset = None if source == "builtin" or source.startswith("files:") else source
+    base_model = f"openai-community/{args.model}" if args.model in OPENAI_GPT2 else None
+    if args.from_gpt2 and not Path(args.model).exists():
+        base_model = args.model
+    results = [EvalResult(task_type="text-generation", dataset_type=hub_dataset or source, dataset_name=f"{source} (held-out split)",
+                          dataset_split="validation", metric_type="loss", metric_name="val loss",
+                          metric_value=round(summary["val_loss"], 4))]  # fmt: skip
+    if "hellaswag_acc_norm" in summary:
+        hellaswag = dict(task_type="multiple-choice", dataset_type="Rowan/hellaswag", dataset_name="HellaSwag",
+                         dataset_split="validation")  # fmt: skip
+        for convention, prefix in [("completion style", "hellaswag"), ("lm-evaluation-harness style", "hellaswag_lm_eval")]:
+            for metric in ("acc", "acc_norm"):
+                results.append(EvalResult(**hellaswag, metric_type=metric, metric_value=round(summary[f"{prefix}_{metric}"], 4),
+                                          metric_name=f"{metric}, {convention} ({summary['hellaswag_examples']:,} examples)"))  # fmt: skip
+    data = ModelCardData(language="en", license=args.license, library_name="transformers", pipeline_tag="text-generation",
+                         tags=["minigpt", "gpt2", "text-generation"], datasets=[hub_dataset] if hub_dataset else None,
+                         base_model=base_model, model_name=args.hub_model_id or "minigpt", eval_results=results)  # fmt: skip
     lines = [
-        "---", "library_name: transformers", "tags: [minigpt, gpt2, text-generation]", "---", "",
         "# MiniGPT", "",
         "GPT-2 architecture trained from scratch with minigpt's `train_accelerate.py`. Load with",
         "`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`.", "",
         "| | |", "| --- | --- |",
         f"| model | {args.model}: {summary['parameters']:,} parameters |",
-        f"| data | {meta['source']} ({meta['tokens']['train']:,} train tokens, tokenizer {meta['tokenizer']}) |",
+        f"| data | {source} ({meta['tokens']['train']:,} train tokens, tokenizer {meta['tokenizer']}) |",
         f"| recipe | {summary['steps']} steps x {summary['tokens_per_step']:,} tokens, peak lr {args.learning_rate}, "
         f"warmup {args.num_warmup_steps}, cosine to {args.min_lr_ratio:g}x, AdamW wd {args.weight_decay} |",
         f"| tokens seen | {summary['tokens_seen']:,} |",
@@ -339,20 +384,29 @@ def model_card(args, summary) -> str:
             (f"| HellaSwag, lm-evaluation-harness style | "
              f"acc {summary['hellaswag_lm_eval_acc']:.4f}, acc_norm {summary['hellaswag_lm_eval_acc_norm']:.4f} |"),
         ]  # fmt: skip
-    return "\n".join(lines + ["", "![loss](loss.png)", ""])
+    body = "\n".join(lines + ["", "![loss](loss.png)", ""])
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
 
 
-def plot_losses(metrics_file: Path, png: Path):
-    """Train/val loss and, when measured, HellaSwag next to OpenAI GPT-2 124M's score, as the seeds plot it."""
+def plot_losses(metrics_file: Path, png: Path, title: str):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics_file.read_text().splitlines()]
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    hellaswag = [(r["step"], r["hellaswag_acc_norm"]) for r in rows if "hellaswag_acc_norm" in r]
+    fig = loss_figure([json.loads(line) for line in metrics_file.read_text().splitlines()], title)
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+def loss_figure(rows: list[dict], title: str):
+    """Train/val loss and, when measured, HellaSwag next to OpenAI GPT-2 124M's score, as the seeds plot it.
+    The x axis counts optimizer steps done, as the log does ("step 50: val_loss ..." after 50 steps)."""
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"] + 1, r["loss"]) for r in rows if "loss" in r]
+    val = [(r["step"] + 1, r["val_loss"]) for r in rows if "val_loss" in r]
+    hellaswag = [(r["step"] + 1, r["hellaswag_acc_norm"]) for r in rows if "hellaswag_acc_norm" in r]
     fig, axes = plt.subplots(1, 2 if hellaswag else 1, figsize=(12 if hellaswag else 7, 4), squeeze=False)
     loss_ax = axes[0][0]
     loss_ax.plot(*zip(*train), label="train loss", linewidth=1)
@@ -369,9 +423,9 @@ def plot_losses(metrics_file: Path, png: Path):
     for ax in axes[0]:
         ax.legend()
         ax.grid(alpha=0.3)
+    fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 class MetricsLog:
@@ -413,6 +467,7 @@ def main(argv=None):
 
     optimizer = configure_optimizer(model, args, accelerator.device.type)
     model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_save_state_pre_hook(save_tied_head_once)
     progress = Progress()
     accelerator.register_for_checkpointing(batches, progress)
     if checkpoint is not None:
@@ -476,7 +531,8 @@ def main(argv=None):
         **evaluation,  # the last one: val loss and HellaSwag
     }
     if accelerator.is_main_process:
-        plot_losses(args.output_dir / "metrics.jsonl", args.output_dir / "loss.png")
+        title = f"MiniGPT {args.model} ({summary['parameters'] / 1e6:.1f}M parameters), {summary['tokens_seen']:,} tokens"
+        plot_losses(args.output_dir / "metrics.jsonl", args.output_dir / "loss.png", title)
     export(accelerator, model, args, summary, args.output_dir / "final")
     accelerator.print(f"exported {args.output_dir / 'final'} (val loss {evaluation['val_loss']:.4f})")
     if args.push_to_hub and accelerator.is_main_process:
