@@ -18,7 +18,6 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,15 +27,16 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from tqdm import tqdm
 from transformers import AutoTokenizer, GenerationConfig
 
+from checkpoints import (check_shared_filesystem, checkpoint_candidates, load_checkpoint, lock_output_dir,
+                         save_checkpoint, save_tied_head_once)  # fmt: skip
 from configuration_minigpt import PRESETS, MiniGPTConfig
 from eval_hellaswag import evaluate_hellaswag, load_examples, val_loss
 from export_gpt2 import export_gpt2
 from modeling_minigpt import MiniGPTForCausalLM
 from prepare_data import tokenizer_sha256
-from token_shards import ShardedTokens, ShardError, read_meta
+from token_shards import ShardedTokens, ShardError, read_meta, verify_shards, write_atomically
 
 OPENAI_GPT2 = {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"}  # `--model` names for OpenAI's weights
-LATEST = "latest"  # file naming the newest complete checkpoint
 GPT2_124M_HELLASWAG = 0.2955  # completion-style acc_norm, full val split (build-nanogpt / llm.c)
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per GPU, for MFU
 
@@ -79,17 +79,39 @@ def parse_args(argv=None):
     p.add_argument("--license", default="mit", help="the license the model card declares")
     p.add_argument("--push_to_hub", action="store_true")
     p.add_argument("--hub_model_id", default=None)
-    args = p.parse_args(argv)
-    positive = ["per_device_train_batch_size", "gradient_accumulation_steps", "max_train_steps", "eval_iters"]
-    non_negative = ["num_warmup_steps", "eval_steps", "checkpointing_steps"]
-    problems = [f"--{n} must be positive, got {getattr(args, n)}" for n in positive if getattr(args, n) <= 0]
-    problems += [f"--{n} must be >= 0, got {getattr(args, n)}" for n in non_negative if getattr(args, n) < 0]
+    args = p.parse_args(attach_negative_values(sys.argv[1:] if argv is None else argv))
+    positive = ["per_device_train_batch_size", "gradient_accumulation_steps", "max_train_steps", "eval_iters",
+                "learning_rate", "max_grad_norm", "checkpoints_total_limit"]  # fmt: skip
+    non_negative = ["num_warmup_steps", "eval_steps", "checkpointing_steps", "weight_decay"]
+    optional_positive = ["seq_len", "total_batch_size", "hellaswag_limit"]
+    problems = [f"--{n} must be positive, got {getattr(args, n)}" for n in positive if not getattr(args, n) > 0]
+    problems += [f"--{n} must be >= 0, got {getattr(args, n)}" for n in non_negative if not getattr(args, n) >= 0]
+    problems += [f"--{n} must be positive, got {getattr(args, n)}" for n in optional_positive
+                 if getattr(args, n) is not None and getattr(args, n) <= 0]  # fmt: skip
+    if not 0 <= args.min_lr_ratio <= 1:
+        problems.append(f"--min_lr_ratio is a fraction of the peak in [0, 1], got {args.min_lr_ratio}")
     if args.push_to_hub and not args.hub_model_id:
         problems.append("--push_to_hub needs --hub_model_id")
     if problems:
         p.error("; ".join(problems))
     args.output_dir = Path(args.output_dir)
     return args
+
+
+def attach_negative_values(argv: list[str]) -> list[str]:
+    """argparse reads `--learning_rate -1e-3` as a flag followed by another flag (it recognises only plain
+    negative numbers such as -1 or -0.5); joined as `--learning_rate=-1e-3`, the value reaches validation."""
+    joined = []
+    for token in argv:
+        if joined and joined[-1].startswith("--") and "=" not in joined[-1] and token.startswith("-"):
+            try:
+                float(token)
+                joined[-1] = f"{joined[-1]}={token}"
+                continue
+            except ValueError:
+                pass
+        joined.append(token)
+    return joined
 
 
 # --- model and data --------------------------------------------------------------------------------
@@ -118,6 +140,8 @@ def build_model(args, meta) -> MiniGPTForCausalLM:
             if tokenizer_sha256(AutoTokenizer.from_pretrained(source)) != meta["tokenizer_sha256"]:
                 raise ValueError(f"{args.data_dir} was tokenized with another tokenizer than the model {source} used")
     else:
+        if source.is_dir():
+            raise ValueError(f"--model {args.model} is a directory without config.json: not a saved model or checkpoint")
         raise ValueError(f"--model {args.model!r} is not a preset ({', '.join(PRESETS)}), gpt2*, or a config/checkpoint path")
     if model.config.vocab_size != vocab:
         raise ValueError(
@@ -125,6 +149,16 @@ def build_model(args, meta) -> MiniGPTForCausalLM:
             f"tokenized with {vocab} tokens; prepare the data with the model's tokenizer"
         )
     return model
+
+
+def check_val_split(args, seq_len, world_size):
+    """The val split must hold one batch per process and the `--eval_iters` batches evaluation reads."""
+    val = ShardedTokens(args.data_dir, "val", args.per_device_train_batch_size, seq_len, 0, world_size)
+    windows = sum(val.windows_per_shard)
+    if args.eval_iters * args.per_device_train_batch_size > windows:
+        raise ValueError(f"--eval_iters {args.eval_iters} x batch {args.per_device_train_batch_size} needs "
+                         f"{args.eval_iters * args.per_device_train_batch_size} val windows of {seq_len + 1} tokens; "
+                         f"{args.data_dir} has {windows}: lower --eval_iters or prepare more --val_tokens")  # fmt: skip
 
 
 def accumulation_steps(args, world_size, seq_len) -> int:
@@ -157,19 +191,6 @@ def learning_rate(step, args) -> float:
         return peak * (step + 1) / args.num_warmup_steps
     progress = (step - args.num_warmup_steps) / max(1, args.max_train_steps - args.num_warmup_steps)
     return floor + 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (peak - floor)
-
-
-@dataclass
-class Progress:
-    """The step counter, checkpointed with the model through `register_for_checkpointing`."""
-
-    step: int = 0
-
-    def state_dict(self):
-        return {"step": self.step}
-
-    def load_state_dict(self, state):
-        self.step = state["step"]
 
 
 # --- the loop --------------------------------------------------------------------------------------
@@ -244,57 +265,6 @@ def peak_flops(accelerator):
 
 
 # --- checkpoints -----------------------------------------------------------------------------------
-
-
-def checkpoint_root(args) -> Path:
-    return args.output_dir / "checkpoints"
-
-
-def save_tied_head_once(models, weights, output_dir):
-    """`save_state` pre-hook. A state_dict names the tied head twice (`lm_head.weight`, the embedding);
-    safetensors stores a tensor once, so accelerate would drop the alias itself and warn at every save.
-    Dropping it here writes the same file; `load_state` (safetensors' `load_model`) re-ties it."""
-    for state in weights:
-        for head in [name for name in state if name.endswith("lm_head.weight")]:
-            embedding = head.replace("lm_head.weight", "transformer.wte.weight")
-            if embedding in state and state[head].data_ptr() == state[embedding].data_ptr():
-                del state[head]
-
-
-def save_checkpoint(accelerator, model, args, step):
-    """`save_state` into a temporary directory, renamed when complete; `latest` then names it."""
-    root = checkpoint_root(args)
-    final, temporary = root / f"step_{step}", root / f"step_{step}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(temporary, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(temporary)
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).config.to_json_file(temporary / "config.json")
-        (temporary / "training_args.json").write_text(json.dumps(vars(args), default=str, indent=1))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(temporary, final)
-        pointer = root / (LATEST + ".tmp")
-        pointer.write_text(final.name)
-        os.replace(pointer, root / LATEST)
-        kept = json.loads((root / "kept.json").read_text()) if (root / "kept.json").exists() else []
-        kept = [name for name in kept if name != final.name] + [final.name]
-        for old in kept[: -args.checkpoints_total_limit]:
-            shutil.rmtree(root / old, ignore_errors=True)
-        (root / "kept.json").write_text(json.dumps(kept[-args.checkpoints_total_limit :]))
-    accelerator.wait_for_everyone()
-
-
-def resolve_checkpoint(args) -> Path:
-    if args.resume_from_checkpoint == LATEST:
-        pointer = checkpoint_root(args) / LATEST
-        if not pointer.exists():
-            raise ValueError(f"--resume_from_checkpoint latest: no complete checkpoint in {checkpoint_root(args)}")
-        return checkpoint_root(args) / pointer.read_text().strip()
-    path = Path(args.resume_from_checkpoint)
-    if not (path / "config.json").exists():
-        raise ValueError(f"--resume_from_checkpoint {path} is not a complete checkpoint directory")
-    return path
 
 
 def check_same_model(checkpoint: Path, config: MiniGPTConfig):
@@ -435,8 +405,16 @@ class MetricsLog:
     def __init__(self, path: Path, resume_step: int):
         self.path = path
         rows = path.read_text().splitlines() if path.exists() and resume_step else []
-        kept = [r for r in rows if json.loads(r)["step"] < resume_step]
-        path.write_text("".join(r + "\n" for r in kept))
+        kept = "".join(row + "\n" for row in rows if self.step_of(row) < resume_step)
+        write_atomically(path, lambda file: file.write(kept.encode()))
+
+    @staticmethod
+    def step_of(row: str) -> float:
+        """A row's step; a line torn by a kill mid-write counts as beyond any checkpoint (dropped)."""
+        try:
+            return json.loads(row)["step"]
+        except (ValueError, KeyError, TypeError):
+            return math.inf
 
     def write(self, row: dict):
         with open(self.path, "a") as f:
@@ -449,7 +427,10 @@ def main(argv=None):
     set_seed(args.seed)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
-    meta = read_meta(args.data_dir)  # every check runs before the first step
+    # Every check runs before the first step, and before anything is written.
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        raise ValueError(f"--output_dir {args.output_dir} is a file, not a directory")
+    meta = read_meta(args.data_dir)
     model = build_model(args, meta)
     seq_len = args.seq_len or model.config.n_positions
     if seq_len > model.config.n_positions:
@@ -457,22 +438,33 @@ def main(argv=None):
     accelerator.gradient_accumulation_steps = accumulation_steps(args, accelerator.num_processes, seq_len)
     batches = ShardedTokens(args.data_dir, "train", args.per_device_train_batch_size, seq_len,
                             accelerator.process_index, accelerator.num_processes, seed=args.seed)  # fmt: skip
-    # Opened once here so that a val split too small for one batch fails now, not at the first eval.
-    ShardedTokens(args.data_dir, "val", args.per_device_train_batch_size, seq_len, 0, accelerator.num_processes)
+    check_val_split(args, seq_len, accelerator.num_processes)
     tokenizer = AutoTokenizer.from_pretrained(Path(args.data_dir) / "tokenizer")
     hellaswag = load_examples(args.hellaswag, args.hellaswag_limit) if args.hellaswag else None
-    checkpoint = resolve_checkpoint(args) if args.resume_from_checkpoint else None
-    if checkpoint is not None:
-        check_same_model(checkpoint, model.config)
+    candidates = checkpoint_candidates(args.resume_from_checkpoint, args.output_dir) if args.resume_from_checkpoint else []
+    if candidates:
+        check_same_model(candidates[0], model.config)
+    lock = lock_output_dir(args.output_dir) if accelerator.is_main_process else None  # noqa: F841 (held to the end)
+    check_shared_filesystem(accelerator, args.output_dir)
+    if accelerator.is_local_main_process:  # once per node: the shards are read by every process of a node
+        started = time.perf_counter()
+        verify_shards(args.data_dir, meta, checksums=True)
+        print(f"verified {len(meta['shards'])} shards (sha256, token ids < {meta['vocab_size']}) in "
+              f"{time.perf_counter() - started:.1f} s")  # fmt: skip
+    accelerator.wait_for_everyone()
 
     optimizer = configure_optimizer(model, args, accelerator.device.type)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_save_state_pre_hook(save_tied_head_once)
-    progress = Progress()
-    accelerator.register_for_checkpointing(batches, progress)
-    if checkpoint is not None:
-        accelerator.load_state(checkpoint)
-        accelerator.print(f"resumed from {checkpoint} at step {progress.step}")
+    start_step = 0
+    if candidates:
+        checkpoint, state = load_checkpoint(accelerator, candidates)
+        batches.load_state_dict(state["data"])
+        start_step = state["step"]
+        if start_step >= args.max_train_steps:
+            raise ValueError(f"{checkpoint} is at step {start_step}, the run's last (--max_train_steps "
+                             f"{args.max_train_steps}): raise --max_train_steps to train on")  # fmt: skip
+        accelerator.print(f"resumed from {checkpoint} at step {start_step}")
     train_model = torch.compile(model) if args.compile else model
 
     micro_batch_tokens = args.per_device_train_batch_size * seq_len * accelerator.num_processes
@@ -480,8 +472,7 @@ def main(argv=None):
     unwrapped = accelerator.unwrap_model(model)
     flops_per_step = model_flops_per_token(unwrapped.config, seq_len) * tokens_per_step
     peak = peak_flops(accelerator)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    metrics = MetricsLog(args.output_dir / "metrics.jsonl", progress.step) if accelerator.is_main_process else None
+    metrics = MetricsLog(args.output_dir / "metrics.jsonl", start_step) if accelerator.is_main_process else None
     if args.with_tracking:
         accelerator.init_trackers("minigpt", config={k: str(v) for k, v in vars(args).items()})
     accelerator.print(
@@ -490,7 +481,7 @@ def main(argv=None):
         f" | {accelerator.device} {accelerator.mixed_precision} | torch {torch.__version__}"
     )
 
-    bar = tqdm(range(progress.step, args.max_train_steps), initial=progress.step, total=args.max_train_steps,
+    bar = tqdm(range(start_step, args.max_train_steps), initial=start_step, total=args.max_train_steps,
                disable=not accelerator.is_main_process, desc="training")  # fmt: skip
     train_loss, evaluation = float("nan"), {}
     for step in bar:
@@ -501,26 +492,29 @@ def main(argv=None):
         if accelerator.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - started
-        progress.step = step + 1
+        done = step + 1
+        if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):
+            raise ValueError(f"step {step}: loss {train_loss}, grad norm {grad_norm}: training diverged or the weights "
+                             "are corrupt; stopped without checkpointing this state")  # fmt: skip
         row = {"step": step, "loss": train_loss, "lr": learning_rate(step, args), "grad_norm": grad_norm,
                "dt_ms": 1000 * seconds, "tokens_per_s": tokens_per_step / seconds}  # fmt: skip
         if peak:
             row["mfu"] = flops_per_step / seconds / (peak * accelerator.num_processes)
         bar.set_postfix(loss=f"{train_loss:.4f}", norm=f"{grad_norm:.2f}", tok_s=f"{row['tokens_per_s']:,.0f}")
 
-        last = progress.step == args.max_train_steps
-        if last or (args.eval_steps and progress.step % args.eval_steps == 0):
+        last = done == args.max_train_steps
+        if last or (args.eval_steps and done % args.eval_steps == 0):
             evaluation = evaluate(accelerator, model, hellaswag, tokenizer, args, seq_len)
             row.update(evaluation)
             if accelerator.is_main_process:
                 samples = generate_samples(unwrapped, tokenizer, args.sample_prompt, args.seed)
                 scores = " | ".join(f"{name} {value:.4f}" for name, value in evaluation.items() if isinstance(value, float))
-                bar.write(f"step {progress.step}: {scores}\n" + "\n".join(f"  > {s!r}" for s in samples))
+                bar.write(f"step {done}: {scores}\n" + "\n".join(f"  > {s!r}" for s in samples))
         if accelerator.is_main_process:
             metrics.write(row)
         accelerator.log(row, step=step)
-        if args.checkpointing_steps and (progress.step % args.checkpointing_steps == 0 or last):
-            save_checkpoint(accelerator, model, args, progress.step)
+        if args.checkpointing_steps and (done % args.checkpointing_steps == 0 or last):
+            save_checkpoint(accelerator, unwrapped.config, args, done, batches.state_dict())
 
     summary = {
         "steps": args.max_train_steps,

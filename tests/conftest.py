@@ -1,5 +1,6 @@
 """Shared fixtures. The repo root is importable (scripts and model files live there, flat, like a Hub repo)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +15,38 @@ sys.path.insert(0, str(REPO))
 # A model small enough for one CPU core, with its own small vocabulary (eot = its last id).
 VOCAB = 1000
 TINY = dict(n_layer=2, n_head=4, n_embd=64, n_positions=64, vocab_size=VOCAB, bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1)
+
+
+# train_accelerate.py on the tiny preset, as the script tests run it.
+TRAIN = [sys.executable, str(REPO / "train_accelerate.py")]
+TINY_RUN = ["--model", "tiny", "--seq_len", "32", "--per_device_train_batch_size", "4", "--learning_rate", "3e-3",
+            "--num_warmup_steps", "3", "--eval_steps", "0", "--eval_iters", "2", "--sample_prompt", "def"]  # fmt: skip
+
+
+def losses(output_dir):
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [row["loss"] for row in rows], [row["step"] for row in rows]
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """The built-in corpus, 120k tokens in a 512-token BPE: 3 train shards and a val shard."""
+    import prepare_data
+
+    out = tmp_path_factory.mktemp("data") / "builtin"
+    prepare_data.main(["--vocab_size", "512", "--max_tokens", "120000", "--shard_size", "40000",
+                       "--output_dir", str(out), "--num_proc", "1"])  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(data_dir, tmp_path_factory):
+    """Reference run: 12 steps, checkpoints every 4."""
+    out = tmp_path_factory.mktemp("runs") / "uninterrupted"
+    result = run_script([*TRAIN, *TINY_RUN, "--data_dir", str(data_dir), "--output_dir", str(out), "--max_train_steps", "12",
+                  "--checkpointing_steps", "4"], cwd=out.parent)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
 
 
 def script_env(**extra) -> dict:

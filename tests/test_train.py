@@ -6,44 +6,14 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import prepare_data
-from conftest import REPO, run_script, script_env, two_cpu_processes
+from conftest import TINY_RUN, TRAIN, losses, run_script, script_env, two_cpu_processes
 from token_shards import ShardedTokens, read_meta
-
-TRAIN = [sys.executable, str(REPO / "train_accelerate.py")]
-TINY_RUN = ["--model", "tiny", "--seq_len", "32", "--per_device_train_batch_size", "4", "--learning_rate", "3e-3",
-            "--num_warmup_steps", "3", "--eval_steps", "0", "--eval_iters", "2", "--sample_prompt", "def"]  # fmt: skip
-
-
-def losses(output_dir):
-    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-    return [row["loss"] for row in rows], [row["step"] for row in rows]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "builtin"
-    prepare_data.main(["--vocab_size", "512", "--max_tokens", "120000", "--shard_size", "40000",
-                       "--output_dir", str(out), "--num_proc", "1"])  # fmt: skip
-    return out
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(data_dir, tmp_path_factory):
-    """Reference run: 12 steps, checkpoints every 4."""
-    out = tmp_path_factory.mktemp("runs") / "uninterrupted"
-    result = run_script([*TRAIN, *TINY_RUN, "--data_dir", str(data_dir), "--output_dir", str(out), "--max_train_steps", "12",
-                  "--checkpointing_steps", "4"], cwd=out.parent)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
-
 
 def test_a_tiny_run_learns_and_exports_a_loadable_model(uninterrupted, data_dir):
     loss, steps = losses(uninterrupted)
@@ -63,6 +33,9 @@ def test_a_tiny_run_learns_and_exports_a_loadable_model(uninterrupted, data_dir)
     assert "final val loss" in card and "12 steps" in card
     checkpoints = sorted(os.listdir(uninterrupted / "checkpoints"))
     assert checkpoints == ["kept.json", "latest", "step_12", "step_8"]  # the last two are kept
+    state = json.loads((uninterrupted / "checkpoints" / "step_12" / "training_state.json").read_text())
+    assert state == {"step": 12, "data": {"windows_consumed": 48, "seed": 1337, "seq_len": 32}}
+    assert not list((uninterrupted / "checkpoints" / "step_12").glob("custom_checkpoint_*"))  # our state is JSON, not pickle
 
 
 def test_hellaswag_in_the_loop_equals_eval_hellaswag_on_the_export(data_dir, handmade_hellaswag, tmp_path):
