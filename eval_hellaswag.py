@@ -287,7 +287,20 @@ def find_tokenizer(model_path: str, explicit: str | None) -> str:
     return model_path
 
 
+def check_model_path(model_path: str) -> None:
+    """A local folder must hold a saved model; what is not a folder is taken as a Hub id, which, unlike a
+    path, has at most one "/" and no leading "." or "/" (a mistyped path would otherwise be reported by
+    huggingface_hub as a malformed repo id)."""
+    path = Path(model_path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise HellaSwagError(f"--model {model_path} is a directory without config.json: not a saved model or checkpoint")
+    elif path.exists() or model_path.startswith((".", "/", "~")) or model_path.count("/") > 1:
+        raise HellaSwagError(f"--model {model_path}: no such model directory")
+
+
 def load(model_path: str, tokenizer_path: str | None, device, dtype):
+    check_model_path(model_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(find_tokenizer(model_path, tokenizer_path))
         model = AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=True, dtype=dtype)
@@ -325,6 +338,9 @@ def parse_args(argv=None):
     for name in ("limit", "batch_size", "val_batches", "val_batch_size", "seq_len"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             p.error(f"--{name} must be positive, got {getattr(args, name)}")
+    blocking = next((parent for parent in Path(args.output).parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None or Path(args.output).is_dir():
+        p.error(f"--output {args.output} cannot be written: {blocking or args.output} is {'a file' if blocking else 'a directory'}")
     return args
 
 
@@ -349,6 +365,9 @@ def main(argv=None):
     results = []
     for model_path in args.model:
         model, tokenizer = load(model_path, args.tokenizer, accelerator.device, dtype)
+        seq_len = args.seq_len or context_length(model, tokenizer)
+        if seq_len > context_length(model, tokenizer):
+            raise HellaSwagError(f"--seq_len {seq_len} exceeds {model_path}'s context of {context_length(model, tokenizer)}")
         if args.data_dir:
             check_data_tokenizer(model_path, tokenizer, args.data_dir)
         accelerator.print(f"{model_path}: {len(examples)} examples on {accelerator.num_processes} process(es), {dtype}")
@@ -356,7 +375,6 @@ def main(argv=None):
         result = {"model": model_path, "parameters": model.num_parameters(), "completion": scores["completion"],
                   "harness": scores["harness"], "val_loss": None}  # fmt: skip
         if args.data_dir:
-            seq_len = args.seq_len or context_length(model, tokenizer)
             result["val_loss"] = val_loss(model, args.data_dir, args.val_batch_size, seq_len, args.val_batches, accelerator)
         results.append(result)
         del model

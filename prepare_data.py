@@ -30,6 +30,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from token_shards import META_FILE, ShardError, token_dtype, verify_shards, write_atomically, write_shard
 
 EOT = "<|endoftext|>"
+MIN_BPE_VOCAB = 257  # the 256 byte tokens every byte-level BPE has, plus EOT
 PROGRESS_FILE = "progress.json"
 TOKENIZER_DIR = "tokenizer"
 
@@ -57,11 +58,16 @@ def parse_args(argv=None):
     name = "builtin" if not (args.dataset or args.files) else "files" if args.files else args.dataset.split("/")[-1]
     args.output_dir = Path(args.output_dir or Path("data") / name)
     builtin = not (args.dataset or args.files)
-    args.shard_size = int(args.shard_size or (1e6 if builtin else 1e8))
     for flag in ("shard_size", "val_tokens", "max_tokens", "vocab_size", "num_proc", "chunk_docs"):
         value = getattr(args, flag)
         if value is not None and value <= 0:
-            parser.error(f"--{flag} must be positive, got {value}")
+            parser.error(f"--{flag} must be positive, got {value:g}")
+    if args.vocab_size is not None and args.vocab_size < MIN_BPE_VOCAB:
+        parser.error(f"--vocab_size must be at least {MIN_BPE_VOCAB} (a byte-level BPE starts from 256 bytes plus "
+                     f"{EOT}), got {args.vocab_size}")  # fmt: skip
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        parser.error(f"--output_dir {args.output_dir} is a file, not a directory")
+    args.shard_size = int(args.shard_size if args.shard_size is not None else 1e6 if builtin else 1e8)
     args.max_tokens = None if args.max_tokens is None else int(args.max_tokens)
     args.val_tokens = None if args.val_tokens is None else int(args.val_tokens)
     return args
@@ -105,6 +111,9 @@ def load_corpus(args):
     if columns is not None and args.text_column not in columns:
         raise ValueError(f"text column {args.text_column!r} not in the corpus (columns: {', '.join(columns)})")
     corpus = corpus.select_columns([args.text_column])
+    text_type = getattr(corpus.features[args.text_column], "dtype", None) if corpus.features else "string"
+    if text_type not in ("string", "large_string"):
+        raise ValueError(f"column {args.text_column!r} holds {corpus.features[args.text_column]}, not text")
     return corpus if args.text_column == "text" else corpus.rename_column(args.text_column, "text")
 
 
@@ -112,6 +121,9 @@ def load_local_files(patterns):
     from glob import glob
 
     files = sorted({f for pattern in patterns for f in (glob(pattern, recursive=True) or [pattern])})
+    folders = [f for f in files if Path(f).is_dir()]
+    if folders:
+        raise ValueError(f"--files takes files, and {', '.join(folders)} is a directory: pass its files, e.g. '{folders[0]}/*.txt'")
     missing = [f for f in files if not Path(f).is_file()]
     if missing:
         raise FileNotFoundError(f"input file(s) not found: {', '.join(missing)}")
@@ -121,7 +133,12 @@ def load_local_files(patterns):
         raise ValueError(f"--files must all be one kind of .txt, .jsonl/.json or .parquet; got {files}")
     builder = kinds.pop()
     options = {"sample_by": "document"} if builder == "text" else {}  # a .txt file is one document
-    return datasets.load_dataset(builder, data_files=files, split="train", **options)
+    try:
+        return datasets.load_dataset(builder, data_files=files, split="train", **options)
+    except Exception as error:  # datasets wraps the reader's error (UnicodeDecodeError, JSON, Arrow) in its own
+        cause = error.__cause__ or error
+        raise ValueError(f"cannot read {', '.join(files)} as {builder}: {type(cause).__name__}: "
+                         f"{(str(cause).splitlines() or [''])[0][:200]}") from None  # fmt: skip
 
 
 # --- the tokenizer ---------------------------------------------------------------------------------
@@ -179,13 +196,15 @@ def tokenized_documents(corpus, tokenizer, args, skip_docs):
 
 
 def plan_val_tokens(args, corpus) -> int:
-    if args.val_tokens is not None:
-        return args.val_tokens
-    if args.max_tokens is not None:
-        return min(args.shard_size, args.max_tokens // 10)
-    if isinstance(corpus, datasets.Dataset):  # known size, already tokenized
-        return min(args.shard_size, sum(len(ids) for ids in tokenized_documents(corpus, None, args, 0)) // 10)
-    return args.shard_size
+    """The val split's size, checked up front against what the corpus can give where that is known."""
+    known = sum(len(ids) for ids in tokenized_documents(corpus, None, args, 0)) if isinstance(corpus, datasets.Dataset) else None
+    total = min(t for t in (known, args.max_tokens) if t is not None) if known or args.max_tokens else None
+    val_tokens = args.val_tokens
+    if val_tokens is None:
+        val_tokens = args.shard_size if total is None else min(args.shard_size, total // 10)
+    if total is not None and val_tokens >= total:
+        raise ValueError(f"--val_tokens {val_tokens:,} leaves nothing to train on: the corpus gives {total:,} tokens")
+    return val_tokens
 
 
 def settings_of(args, tokenizer, val_tokens) -> dict:
@@ -196,6 +215,7 @@ def settings_of(args, tokenizer, val_tokens) -> dict:
         "split": args.split,
         "text_column": args.text_column,
         "tokenizer_sha256": tokenizer_sha256(tokenizer),
+        "bpe_vocab_size": args.vocab_size,  # the size asked for: a trained BPE may come out smaller
         "shard_size": args.shard_size,
         "val_tokens": val_tokens,
         "max_tokens": args.max_tokens,
@@ -210,7 +230,6 @@ def main(argv=None):
         corpus = corpus.filter(lambda row: bool(row["text"] and row["text"].strip()))
         if len(corpus) == 0:
             raise ValueError("the corpus is empty after dropping empty documents")
-    out.mkdir(parents=True, exist_ok=True)
     tokenizer_dir = out / TOKENIZER_DIR
     if args.vocab_size is not None and (tokenizer_dir / "tokenizer.json").exists():
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)  # resuming: BPE training is not bitwise stable
@@ -225,8 +244,9 @@ def main(argv=None):
 
     progress_path = out / PROGRESS_FILE
     progress = json.loads(progress_path.read_text()) if progress_path.exists() else None
-    if progress is not None and progress["settings"] != settings:
-        changed = [k for k in settings if progress["settings"].get(k) != settings[k]]
+    # Compared on what the directory recorded (an older version recorded fewer settings).
+    changed = [k for k in settings if progress is not None and k in progress["settings"] and progress["settings"][k] != settings[k]]
+    if changed:
         raise ValueError(f"{out} holds a run with other settings ({', '.join(changed)}); use another --output_dir")
     progress = progress or {"settings": settings, "shards": []}
     if (out / META_FILE).exists():
@@ -235,6 +255,7 @@ def main(argv=None):
         return out
     for shard in progress["shards"]:  # finished shards are kept only if intact
         verify_shards(out, {"shards": [shard], "vocab_size": vocab_size}, checksums=True)
+    out.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(tokenizer_dir)
 
     def shard_plan():

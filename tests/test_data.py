@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import sys
 from itertools import islice
 
 import numpy as np
@@ -246,3 +247,51 @@ def test_streamed_corpus_tokenizes_like_an_in_memory_one(corpus_file, gpt2_token
         expected = [ids.tolist() for ids in prepare_data.tokenized_documents(in_memory, gpt2_tokenizer, args, skip)]
         got = [ids.tolist() for ids in prepare_data.tokenized_documents(streamed, gpt2_tokenizer, args, skip)]
         assert got == expected and len(got) == 120 - skip
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("other_vocab", "holds a run with other settings (bpe_vocab_size)"),
+        ("shard_size_0", "--shard_size must be positive, got 0"),
+        ("vocab_5", "--vocab_size must be at least 257"),
+        ("val_too_big", "--val_tokens 1,000,000,000 leaves nothing to train on: the corpus gives"),
+        ("binary_txt", "as text: UnicodeDecodeError"),
+        ("malformed_jsonl", "as json:"),
+        ("numbers_as_text", "column 'text' holds Value('int64'), not text"),
+        ("directory_as_file", "is a directory: pass its files"),
+        ("output_is_a_file", "is a file, not a directory"),
+    ],
+)
+def test_nonsense_input_ends_in_one_line_with_nothing_written(case, message, corpus_file, tokenizer_dir, tmp_path):
+    from conftest import REPO, run_script
+
+    out = tmp_path / "out"
+    args = ["--files", str(corpus_file), "--tokenizer", str(tokenizer_dir), "--num_proc", "1"]
+    if case == "other_vocab":
+        prepare_data.main(["--vocab_size", "300", "--max_tokens", "5000", "--output_dir", str(out), "--num_proc", "1"])
+        args = ["--vocab_size", "400", "--max_tokens", "5000"]
+    elif case == "shard_size_0":
+        args += ["--shard_size", "0"]
+    elif case == "vocab_5":
+        args = ["--vocab_size", "5"]
+    elif case == "val_too_big":
+        args += ["--val_tokens", "1e9"]
+    elif case in ("binary_txt", "malformed_jsonl", "numbers_as_text"):
+        bad = tmp_path / ("bad.txt" if case == "binary_txt" else "bad.jsonl")
+        content = {"binary_txt": bytes(range(256)) * 4, "malformed_jsonl": b'{"text": "fine"}\n{"text": broken\n',
+                   "numbers_as_text": b'{"text": 5}\n{"text": 6}\n'}[case]  # fmt: skip
+        bad.write_bytes(content)
+        args[1] = str(bad)
+    elif case == "directory_as_file":
+        args[1] = str(corpus_file.parent)
+    elif case == "output_is_a_file":
+        out.write_text("keep me")
+    before = sorted(p.name for p in out.iterdir()) if out.is_dir() else None
+    result = run_script([sys.executable, str(REPO / "prepare_data.py"), *args, "--output_dir", str(out)], tmp_path)
+    assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    if case == "output_is_a_file":
+        assert out.read_text() == "keep me"
+    else:
+        assert (sorted(p.name for p in out.iterdir()) if out.is_dir() else None) == before  # nothing written

@@ -6,13 +6,14 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY_RUN, TRAIN, losses, run_script, script_env, two_cpu_processes
+from conftest import REPO, TINY_RUN, TRAIN, losses, run_script, script_env, two_cpu_processes
 from token_shards import ShardedTokens, read_meta
 
 def test_a_tiny_run_learns_and_exports_a_loadable_model(uninterrupted, data_dir):
@@ -189,3 +190,33 @@ def test_mistakes_end_in_one_clear_error_before_any_step(extra, message, data_di
     assert result.returncode == 1
     assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert not (out / "metrics.jsonl").exists()
+
+
+def two_nodes(node_dirs, arguments, port):
+    """Two `accelerate launch` "nodes" on localhost (one process each), each started from its own directory."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
+              "--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+              "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    nodes = [subprocess.Popen([*launch, "--machine_rank", str(rank), str(REPO / "train_accelerate.py"), *arguments],
+                              cwd=directory, env=script_env(ACCELERATE_USE_CPU="true"), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank, directory in enumerate(node_dirs)]  # fmt: skip
+    return [(node.wait(timeout=300), *node.communicate()) for node in nodes]
+
+
+def test_two_nodes_refuse_separate_disks_and_with_a_shared_one_equal_one_node(data_dir, tmp_path):
+    common = [*TINY_RUN, "--data_dir", str(data_dir), "--max_train_steps", "6", "--checkpointing_steps", "3"]
+    node_dirs = [tmp_path / "node0", tmp_path / "node1"]
+    for directory in node_dirs:
+        directory.mkdir()
+    separate = two_nodes(node_dirs, [*common, "--output_dir", "run"], 29541)  # a relative path: each node's own disk
+    for returncode, stdout, stderr in separate:
+        assert returncode != 0 and "is not one shared directory: the processes of rank(s) 1 cannot see" in stderr
+    assert not (node_dirs[0] / "run" / "metrics.jsonl").exists() and not (node_dirs[1] / "run" / "checkpoints").exists()
+
+    shared = two_nodes(node_dirs, [*common, "--output_dir", str(tmp_path / "shared")], 29542)
+    assert all(returncode == 0 for returncode, _, _ in shared), shared[0][2][-3000:] + shared[1][2][-3000:]
+    one_node = run_script([*two_cpu_processes("train_accelerate.py", 29543), *common, "--output_dir", str(tmp_path / "one")],
+                          tmp_path, ACCELERATE_USE_CPU="true")  # fmt: skip
+    assert one_node.returncode == 0, one_node.stderr[-3000:]
+    assert losses(tmp_path / "shared") == losses(tmp_path / "one")  # bitwise
+    assert (tmp_path / "shared" / "checkpoints" / "step_6" / "random_states_1.pkl").exists()
