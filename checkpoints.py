@@ -89,6 +89,7 @@ def save_checkpoint(accelerator, config, args, step: int, data_state: dict) -> N
         shutil.rmtree(temporary, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(temporary)
+    accelerator.wait_for_everyone()  # save_state returns on each process when its own files are written
     if accelerator.is_main_process:
         config.to_json_file(temporary / "config.json")
         (temporary / "training_args.json").write_text(json.dumps(vars(args), default=str, indent=1))

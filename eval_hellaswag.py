@@ -214,6 +214,14 @@ def check_fits(example: Example, pairs, max_length: int):
                                      f"the model's window is {max_length}")  # fmt: skip
 
 
+def padded_share(items: list, rank: int, world: int) -> list[tuple]:
+    """This process's round-robin share of `items` as (item, counted) pairs, padded to the same length on
+    every process by repeating the last item uncounted. With sharded parameters (FSDP) every forward is a
+    collective that all processes must join, so they must all run the same number of forwards."""
+    mine = [(item, True) for item in items[rank::world]]
+    return mine + [(items[-1], False)] * (-(-len(items) // world) - len(mine))
+
+
 def evaluate_hellaswag(model, tokenizer, examples, accelerator=None, batch_size=4, show_progress=True) -> dict:
     """Both conventions on `examples`. `batch_size` examples (each ending in both conventions) make one
     forward pass, grouped by length to save padding. Batches go to processes round-robin and are the
@@ -229,10 +237,11 @@ def evaluate_hellaswag(model, tokenizer, examples, accelerator=None, batch_size=
     was_training = model.training
     model.eval()
     scored = []
-    for batch in tqdm(batches[rank::world], desc="hellaswag", disable=not show_progress or rank != 0, leave=False):
+    share = padded_share(batches, rank, world)
+    for batch, counted in tqdm(share, desc="hellaswag", disable=not show_progress or rank != 0, leave=False):
         flat = [pair for i in batch for convention in CONVENTIONS for pair in pairs[i][convention]]
         lls = iter(loglikelihoods(model, flat, max_length))
-        for i in batch:
+        for i in batch if counted else []:
             norms = normalizers(examples[i], pairs[i])
             result = {"index": i, "line": examples[i].line, "label": examples[i].label}
             for convention in CONVENTIONS:
@@ -259,11 +268,13 @@ def val_loss(model, data_dir, batch_size, seq_len, batches, accelerator=None) ->
     was_training = model.training
     model.eval()
     losses = torch.zeros(batches, device=device)
-    for i in range(batches):
-        window = next(reader)  # every process reads every batch (cheap: a memmap) to stay in step
-        if i % world == rank:
-            window = window.to(device)
-            logits = model(input_ids=window[:, :-1]).logits
+    position = 0
+    for i, counted in padded_share([*range(batches)], rank, world):  # uncounted: the last batch, to join in
+        while position <= i:  # read on to batch i (a memmap: cheap), so every process walks the same windows
+            window, position = next(reader), position + 1
+        window = window.to(device)
+        logits = model(input_ids=window[:, :-1]).logits
+        if counted:
             # A row at a time in fp32: a whole (B, T, vocab) fp32 copy would be gigabytes at GPT-2 scale.
             total = sum(F.cross_entropy(row.float(), target, reduction="sum") for row, target in zip(logits, window[:, 1:]))
             losses[i] = total / window[:, 1:].numel()

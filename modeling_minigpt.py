@@ -448,7 +448,9 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
                 )
         per_input = [kwargs.get(name) or getattr(config, name) or 1 for name in ("num_beams", "num_return_sequences")]
         sequences = None if inputs is None else inputs.shape[0] * per_input[0] * per_input[1]
-        on_cpu = self.lm_head.weight.device.type == "cpu" and self._head_is_plain()
+        weight = self.lm_head.weight
+        sharded = hasattr(weight, "device_mesh")  # a DTensor (FSDP): only the forward sees the whole weight
+        on_cpu = weight.device.type == "cpu" and self._head_is_plain() and not sharded
         if not on_cpu or sequences != 1 or new_tokens is None or new_tokens < 32:
             return super().generate(*args, **kwargs)
         self._head_in_out = self.lm_head.weight.detach().t().contiguous()

@@ -287,7 +287,16 @@ def export(accelerator, model, args, summary, destination: Path):
         shutil.rmtree(temporary, ignore_errors=True)
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
-    unwrapped.save_pretrained(temporary, is_main_process=accelerator.is_main_process, save_function=accelerator.save)
+    weights = accelerator.get_state_dict(model)  # the full tensors, gathered from every process under FSDP
+    # Saved through a weightless model of our own class: under FSDP2 the model's class is torch's generated
+    # FSDP subclass, and save_pretrained would copy torch's source files in place of ours as remote code.
+    with torch.device("meta"):
+        plain = MiniGPTForCausalLM(unwrapped.config)
+    if unwrapped.config.tie_word_embeddings:  # gathered tensors share no storage: drop the alias by name
+        for alias in plain._tied_weights_keys:
+            weights.pop(alias, None)
+    plain.save_pretrained(temporary, is_main_process=accelerator.is_main_process, state_dict=weights,
+                          save_function=accelerator.save)  # fmt: skip
     if accelerator.is_main_process:
         exported_tokenizer(args.data_dir, unwrapped.config).save_pretrained(temporary)
         eot = unwrapped.config.eos_token_id
@@ -506,8 +515,9 @@ def main(argv=None):
         if last or (args.eval_steps and done % args.eval_steps == 0):
             evaluation = evaluate(accelerator, model, hellaswag, tokenizer, args, seq_len)
             row.update(evaluation)
+            # Every process generates (the same tokens: same seed): with sharded weights each forward is collective.
+            samples = generate_samples(unwrapped, tokenizer, args.sample_prompt, args.seed)
             if accelerator.is_main_process:
-                samples = generate_samples(unwrapped, tokenizer, args.sample_prompt, args.seed)
                 scores = " | ".join(f"{name} {value:.4f}" for name, value in evaluation.items() if isinstance(value, float))
                 bar.write(f"step {done}: {scores}\n" + "\n".join(f"  > {s!r}" for s in samples))
         if accelerator.is_main_process:

@@ -58,7 +58,8 @@ def script_env(**extra) -> dict:
 
 
 def run_script(command, cwd=None, **extra_env) -> subprocess.CompletedProcess:
-    return subprocess.run(command, cwd=cwd, env=script_env(**extra_env), capture_output=True, text=True)
+    """Run a script to completion; a hang (a collective some process never joins) fails after 10 minutes."""
+    return subprocess.run(command, cwd=cwd, env=script_env(**extra_env), capture_output=True, text=True, timeout=600)
 
 
 def two_cpu_processes(script: str, port: int) -> list[str]:

@@ -220,3 +220,45 @@ def test_two_nodes_refuse_separate_disks_and_with_a_shared_one_equal_one_node(da
     assert one_node.returncode == 0, one_node.stderr[-3000:]
     assert losses(tmp_path / "shared") == losses(tmp_path / "one")  # bitwise
     assert (tmp_path / "shared" / "checkpoints" / "step_6" / "random_states_1.pkl").exists()
+
+
+def test_fsdp2_trains_evaluates_checkpoints_resumes_and_exports_like_ddp(data_dir, tmp_path):
+    """accelerate's FSDP config on 2 CPU processes (gloo), through tests/scripts/fsdp_on_cpu.py: accelerate
+    alone would fall back to DDP on CPU. Evaluation (val loss over 3 batches, so the processes get unequal
+    shares, and samples) must not hang; the sharded checkpoint resumes; the export gathers full tensors."""
+    from transformers import AutoModelForCausalLM
+
+    fsdp = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs" / "fsdp_8xa100.yaml"),
+            "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "29551",
+            str(REPO / "tests" / "scripts" / "fsdp_on_cpu.py")]  # fmt: skip
+    common = [*TINY_RUN, "--data_dir", str(data_dir), "--max_train_steps", "6", "--eval_steps", "3", "--eval_iters", "3",
+              "--checkpointing_steps", "3"]  # fmt: skip
+    sharded = run_script([*fsdp, *common, "--output_dir", str(tmp_path / "fsdp")], tmp_path, ACCELERATE_USE_CPU="true")
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    checkpoint = tmp_path / "fsdp" / "checkpoints" / "step_6"
+    assert (checkpoint / "pytorch_model_fsdp_0").is_dir() and not (checkpoint / "model.safetensors").exists()  # FSDP's format
+    assert sharded.stdout.count("step 3: val_loss") == 1 and "  > 'def" in sharded.stdout  # evaluated, samples printed
+
+    ddp = run_script([*two_cpu_processes("train_accelerate.py", 29552), *common, "--output_dir", str(tmp_path / "ddp")],
+                     tmp_path, ACCELERATE_USE_CPU="true")  # fmt: skip
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    rows = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()] for name in ("fsdp", "ddp")}
+    for key in ("loss", "grad_norm"):
+        torch.testing.assert_close([r[key] for r in rows["fsdp"]], [r[key] for r in rows["ddp"]], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rows["fsdp"][-1]["val_loss"], rows["ddp"][-1]["val_loss"], rtol=1e-5, atol=1e-6)
+
+    exported = {name: AutoModelForCausalLM.from_pretrained(tmp_path / name / "final", trust_remote_code=True) for name in ("fsdp", "ddp")}
+    for key, tensor in exported["ddp"].state_dict().items():  # Adam turns fp32 noise in tiny gradients into ~1e-6
+        torch.testing.assert_close(exported["fsdp"].state_dict()[key], tensor, rtol=1e-4, atol=1e-5, msg=key)
+    assert exported["fsdp"].lm_head.weight is exported["fsdp"].transformer.wte.weight
+    assert (tmp_path / "fsdp" / "final" / "model.safetensors").stat().st_size == (tmp_path / "ddp" / "final" / "model.safetensors").stat().st_size
+
+    # Resume from the sharded checkpoint at step 3: the rest of the run again.
+    run = tmp_path / "fsdp"
+    shutil.rmtree(run / "checkpoints" / "step_6")
+    (run / "checkpoints" / "latest").write_text("step_3")
+    resumed = run_script([*fsdp, *common, "--output_dir", str(run), "--resume_from_checkpoint", "latest"], tmp_path,
+                         ACCELERATE_USE_CPU="true")  # fmt: skip
+    assert resumed.returncode == 0 and "step_3 at step 3" in resumed.stdout, resumed.stderr[-3000:]
+    again = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in again] == [r["loss"] for r in rows["fsdp"]]  # bitwise: same processes, CPU
