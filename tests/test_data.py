@@ -243,9 +243,9 @@ def test_streamed_corpus_tokenizes_like_an_in_memory_one(corpus_file, gpt2_token
     in_memory = datasets.load_dataset("json", data_files=str(corpus_file), split="train").select_columns(["text"])
     in_memory = in_memory.map(**prepare_data.encode_options(gpt2_tokenizer))
     streamed = datasets.load_dataset("json", data_files=str(corpus_file), split="train", streaming=True)
-    for skip in (0, 10):
-        expected = [ids.tolist() for ids in prepare_data.tokenized_documents(in_memory, gpt2_tokenizer, args, skip)]
-        got = [ids.tolist() for ids in prepare_data.tokenized_documents(streamed, gpt2_tokenizer, args, skip)]
+    for skip in (0, 10):  # a record without a stream position (an older progress.json) skips documents
+        expected = [ids.tolist() for ids, _ in prepare_data.tokenized_documents(in_memory, gpt2_tokenizer, args, {"end_doc": skip})]
+        got = [ids.tolist() for ids, _ in prepare_data.tokenized_documents(streamed, gpt2_tokenizer, args, {"end_doc": skip})]
         assert got == expected and len(got) == 120 - skip
 
 
@@ -295,3 +295,53 @@ def test_nonsense_input_ends_in_one_line_with_nothing_written(case, message, cor
         assert out.read_text() == "keep me"
     else:
         assert (sorted(p.name for p in out.iterdir()) if out.is_dir() else None) == before  # nothing written
+
+
+class Crash(Exception):
+    pass
+
+
+def test_a_streamed_corpus_resumes_from_its_recorded_position_reading_nothing_twice(documents, tokenizer_dir, tmp_path, monkeypatch):
+    """Local parquet files streamed (many files, many shards), as the Hub's FineWeb-Edu is: a run that dies
+    after a late shard resumes from the stream position recorded with it, reading only the rows after it."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    corpus_dir = tmp_path / "corpus"
+    corpus_dir.mkdir()
+    rows = [f"{document}\n(copy {copy})" for copy in range(3) for document in documents]  # 360 documents
+    for part in range(8):
+        pq.write_table(pa.table({"text": rows[part::8]}), corpus_dir / f"part-{part:02d}.parquet")
+    argv = ["--dataset", str(corpus_dir), "--tokenizer", str(tokenizer_dir), "--shard_size", "8000",
+            "--val_tokens", "8000", "--num_proc", "1", "--chunk_docs", "16"]  # fmt: skip
+    reference = prepare_data.main([*argv, "--output_dir", str(tmp_path / "reference")])
+    shards = len(read_meta(reference)["shards"])
+    assert shards >= 8
+
+    write_shard, written = prepare_data.write_shard, []
+
+    def dies_after_a_late_shard(path, tokens):
+        if len(written) == shards - 3:
+            raise Crash  # everything finished so far is on disk, as after a kill between two shards
+        written.append(path)
+        return write_shard(path, tokens)
+
+    monkeypatch.setattr(prepare_data, "write_shard", dies_after_a_late_shard)
+    with pytest.raises(Crash):
+        prepare_data.main([*argv, "--output_dir", str(tmp_path / "resumed")])
+    monkeypatch.setattr(prepare_data, "write_shard", write_shard)
+    last = json.loads((tmp_path / "resumed" / "progress.json").read_text())["shards"][-1]
+    assert "stream_state" in last
+
+    read, iterate = [], datasets.IterableDataset.__iter__
+
+    def counting(self):
+        for row in iterate(self):
+            read.append(row)
+            yield row
+
+    monkeypatch.setattr(datasets.IterableDataset, "__iter__", counting)
+    resumed = prepare_data.main([*argv, "--output_dir", str(tmp_path / "resumed")])
+    assert len(read) == len(rows) - last["end_doc"]  # the rest of the stream, nothing before it
+    assert [s["sha256"] for s in read_meta(resumed)["shards"]] == [s["sha256"] for s in read_meta(reference)["shards"]]
