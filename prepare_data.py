@@ -6,8 +6,10 @@
     python prepare_data.py --dataset user/corpus --text_column text
     python prepare_data.py --files 'books/*.txt'             # also .jsonl / .json / .parquet
 
-Each document is preceded by the end-of-text token. The first `--val_tokens` tokens form the val shard,
-the rest train shards of `--shard_size` tokens. Shards are written under a temporary name and renamed,
+Each document is preceded by the end-of-text token. The val shard holds `--val_tokens` tokens: for a
+corpus of known size, whole documents drawn at random (seeded by `--val_seed`, listed in meta.json), so
+val measures the training distribution; for a streamed corpus, its first tokens (the convention of
+build-nanogpt and llm.c on FineWeb-Edu). The rest make train shards of `--shard_size` tokens. Shards are written under a temporary name and renamed,
 and `progress.json` records where each finished shard ends, so an interrupted run resumes where it
 stopped. `meta.json` (see token_shards.py) is written last: its presence means the directory is complete.
 """
@@ -50,6 +52,7 @@ def parse_args(argv=None):
     parser.add_argument("--shard_size", type=float, default=None, help="tokens per shard (default 1e8; 1e6 built-in)")
     parser.add_argument("--val_tokens", type=float, default=None, help="default: 10%% of a known-size corpus, else a shard")
     parser.add_argument("--max_tokens", type=float, default=None, help="stop after this many tokens in all")
+    parser.add_argument("--val_seed", type=int, default=0, help="which documents of a known-size corpus are val")
     parser.add_argument("--num_proc", type=int, default=os.cpu_count(), help="tokenizer processes")
     parser.add_argument("--chunk_docs", type=int, default=10_000, help="documents tokenized per batch when streaming")
     args = parser.parse_args(argv)
@@ -171,7 +174,7 @@ def tokenizer_sha256(tokenizer) -> str:
 
 def encode_batch(batch, tokenizer, eot_token_id):
     ids = tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]  # no length warning
-    return {"ids": [[eot_token_id] + doc for doc in ids]}
+    return {"ids": [[eot_token_id] + doc for doc in ids], "length": [len(doc) + 1 for doc in ids]}
 
 
 # --- tokenizing and writing ------------------------------------------------------------------------
@@ -205,9 +208,9 @@ def tokenized_documents(corpus, tokenizer, args, start: dict):
         yield from zip(ids, (state for _, state in chunk))
 
 
-def plan_val_tokens(args, corpus) -> int:
+def plan_val_tokens(args, lengths) -> int:
     """The val split's size, checked up front against what the corpus can give where that is known."""
-    known = sum(len(ids) for ids, _ in tokenized_documents(corpus, None, args, {"end_doc": 0})) if isinstance(corpus, datasets.Dataset) else None
+    known = None if lengths is None else int(lengths.sum())
     total = min(t for t in (known, args.max_tokens) if t is not None) if known or args.max_tokens else None
     val_tokens = args.val_tokens
     if val_tokens is None:
@@ -215,6 +218,15 @@ def plan_val_tokens(args, corpus) -> int:
     if total is not None and val_tokens >= total:
         raise ValueError(f"--val_tokens {val_tokens:,} leaves nothing to train on: the corpus gives {total:,} tokens")
     return val_tokens
+
+
+def val_documents(lengths, val_tokens: int, seed: int) -> np.ndarray | None:
+    """Whole documents, drawn at random (seeded) until they hold `val_tokens`, in corpus order; None where
+    that would leave nothing to train on (a corpus of one or a few huge documents): then val is the first
+    `val_tokens` tokens."""
+    order = np.random.default_rng(seed).permutation(len(lengths))
+    count = int(np.searchsorted(np.cumsum(lengths[order]), val_tokens)) + 1  # the document reaching val_tokens
+    return None if count >= len(lengths) else np.sort(order[:count])
 
 
 def settings_of(args, tokenizer, val_tokens) -> dict:
@@ -229,6 +241,7 @@ def settings_of(args, tokenizer, val_tokens) -> dict:
         "shard_size": args.shard_size,
         "val_tokens": val_tokens,
         "max_tokens": args.max_tokens,
+        "val_seed": args.val_seed,
     }
 
 
@@ -247,9 +260,17 @@ def main(argv=None):
         tokenizer = load_tokenizer(args, corpus)
     vocab_size, eot = len(tokenizer), tokenizer.eos_token_id
     dtype = token_dtype(vocab_size)
+    lengths, val_docs = None, None
     if isinstance(corpus, datasets.Dataset):  # known size: tokenize it once, in parallel
         corpus = corpus.map(**encode_options(tokenizer), num_proc=min(args.num_proc, len(corpus)))
-    val_tokens = plan_val_tokens(args, corpus)
+        lengths = np.asarray(corpus["length"])
+    val_tokens = plan_val_tokens(args, lengths)
+    if lengths is not None and val_tokens and (val_docs := val_documents(lengths, val_tokens, args.val_seed)) is not None:
+        val_tokens = int(lengths[val_docs].sum())  # whole documents: the val shard ends where its last one does
+        if args.max_tokens is not None and val_tokens >= args.max_tokens:
+            raise ValueError(f"the val documents hold {val_tokens:,} tokens, --max_tokens {args.max_tokens:,} leaves none to train on")
+        train_docs = np.setdiff1d(np.arange(len(lengths)), val_docs)
+        corpus = corpus.select(np.concatenate([val_docs, train_docs]))  # written in this order: val, then train
     settings = settings_of(args, tokenizer, val_tokens)
 
     progress_path = out / PROGRESS_FILE
@@ -328,6 +349,7 @@ def main(argv=None):
         "dtype": dtype.name,
         "tokens": {s: sum(x["tokens"] for x in progress["shards"] if x["split"] == s) for s in ("train", "val")},
         "shards": [{k: v for k, v in shard.items() if k != "stream_state"} for shard in progress["shards"]],
+        "val_split": {"documents": val_docs.tolist(), "seed": args.val_seed} if val_docs is not None else {"first_tokens": val_tokens},
         "python": sys.version.split()[0],
     }
     write_atomically(out / META_FILE, lambda f: f.write(json.dumps(meta, indent=1).encode()))

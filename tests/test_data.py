@@ -59,11 +59,13 @@ def all_tokens(out):
 
 def test_round_trip_tokens_are_the_tokenizer_output_with_eot_between_documents(prepared, documents, gpt2_tokenizer):
     eot = gpt2_tokenizer.eos_token_id
-    expected = np.concatenate([[eot] + gpt2_tokenizer(d, add_special_tokens=False)["input_ids"] for d in documents])
-    assert all_tokens(prepared).tolist() == expected.tolist()
+    tokens = [[eot] + gpt2_tokenizer(d, add_special_tokens=False)["input_ids"] for d in documents]
     meta = read_meta(prepared)
+    val = meta["val_split"]["documents"]  # whole documents, drawn at random: val first, then the rest in order
+    expected = [tokens[i] for i in val] + [t for i, t in enumerate(tokens) if i not in set(val)]
+    assert all_tokens(prepared).tolist() == np.concatenate(expected).tolist()
     assert [s["split"] for s in meta["shards"]] == ["val"] + ["train"] * (len(meta["shards"]) - 1)
-    assert meta["shards"][0]["tokens"] == 5000 and meta["shards"][1]["tokens"] == 20000
+    assert meta["shards"][0]["tokens"] == sum(len(tokens[i]) for i in val) >= 5000 and meta["shards"][1]["tokens"] == 20000
     assert meta["vocab_size"] == len(gpt2_tokenizer) and meta["eot_token_id"] == eot and meta["dtype"] == "uint16"
     verify_shards(prepared, meta, checksums=True)
     assert (prepared / "tokenizer" / "tokenizer.json").exists()
@@ -108,7 +110,7 @@ def test_trained_bpe_and_max_tokens(corpus_file, tmp_path):
                              "--output_dir", str(tmp_path / "bpe"), "--num_proc", "1"])  # fmt: skip
     meta = read_meta(out)
     assert meta["vocab_size"] == 300 and meta["tokens"]["train"] + meta["tokens"]["val"] == 12000
-    assert meta["tokens"]["val"] == 1200  # 10% of a known size
+    assert meta["tokens"]["val"] >= 1200 and meta["val_split"]["documents"]  # 10% of a known size, in whole documents
     assert all_tokens(out).max() < 300
 
 
@@ -350,3 +352,19 @@ def test_a_streamed_corpus_resumes_from_its_recorded_position_reading_nothing_tw
     remaining = len(rows) - last["end_doc"]
     assert remaining <= sum(read_from_files) <= remaining + 2 * 45 < len(rows) // 2
     assert [s["sha256"] for s in read_meta(resumed)["shards"]] == [s["sha256"] for s in read_meta(reference)["shards"]]
+
+
+def test_val_is_a_seeded_sample_of_documents_from_the_whole_corpus(tmp_path):
+    """The built-in corpus begins with the pydoc topics and goes on with stdlib docstrings: a val split
+    taken from its start measured another distribution than training. Whole documents drawn with a seed
+    come from both parts, the same for any process count, and another seed draws others."""
+    documents = list(prepare_data.builtin_documents())
+    topics = sum(1 for _ in __import__("pydoc_data.topics").topics.topics)
+    runs = {}
+    for name, extra in [("one", ["--num_proc", "1"]), ("two", ["--num_proc", "2"]), ("seed", ["--num_proc", "1", "--val_seed", "7"])]:
+        runs[name] = read_meta(prepare_data.main(["--vocab_size", "300", "--max_tokens", "200000", "--val_tokens", "50000",
+                                                  "--output_dir", str(tmp_path / name), *extra]))  # fmt: skip
+    val = runs["one"]["val_split"]["documents"]
+    assert runs["two"]["val_split"] == runs["one"]["val_split"] and runs["two"]["shards"] == runs["one"]["shards"]
+    assert runs["seed"]["val_split"]["documents"] != val and runs["seed"]["val_split"]["seed"] == 7
+    assert any(i < topics for i in val) and any(i >= topics for i in val) and max(val) < len(documents)
