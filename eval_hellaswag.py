@@ -381,6 +381,10 @@ def main(argv=None):
             raise HellaSwagError(f"--seq_len {seq_len} exceeds {model_path}'s context of {context_length(model, tokenizer)}")
         if args.data_dir:
             check_data_tokenizer(model_path, tokenizer, args.data_dir)
+            val = ShardedTokens(args.data_dir, "val", args.val_batch_size, seq_len, shuffle=False)
+            if args.val_batches * args.val_batch_size > sum(val.windows_per_shard):
+                raise HellaSwagError(f"--val_batches {args.val_batches} x --val_batch_size {args.val_batch_size} needs more "
+                                     f"val windows of {seq_len + 1} tokens than {args.data_dir} has ({sum(val.windows_per_shard)})")  # fmt: skip
         accelerator.print(f"{model_path}: {len(examples)} examples on {accelerator.num_processes} process(es), {dtype}")
         scores = evaluate_hellaswag(model, tokenizer, examples, accelerator, args.batch_size)
         result = {"model": model_path, "parameters": model.num_parameters(), "completion": scores["completion"],

@@ -103,13 +103,22 @@ def read_meta(data_dir: Path) -> dict:
 
 
 def verify_shards(data_dir: Path, meta: dict, checksums: bool = False) -> None:
-    """Every shard in the manifest exists with the promised count (and, optionally, checksum)."""
+    """Every shard in the manifest exists with the promised count and token ids below the vocabulary
+    (and, optionally, its checksum). One read of each file serves both checks."""
     for shard in meta["shards"]:
         path = Path(data_dir) / shard["file"]
         tokens = open_shard(path, shard["tokens"])
-        if tokens.size and int(tokens.max()) >= meta["vocab_size"]:
-            raise ShardError(f"shard {path} holds token id {int(tokens.max())} >= vocab_size {meta['vocab_size']}")
-        if checksums and file_sha256(path) != shard["sha256"]:
+        digest, largest = hashlib.sha256(), -1
+        with open(path, "rb") as file:
+            header = file.read(HEADER_BYTES)
+            digest.update(header)
+            for block in iter(lambda: file.read(1 << 24), b""):  # 16 MiB: a whole number of tokens
+                largest = max(largest, int(np.frombuffer(block, dtype=tokens.dtype).max()))
+                if checksums:
+                    digest.update(block)
+        if largest >= meta["vocab_size"]:
+            raise ShardError(f"shard {path} holds token id {largest} >= vocab_size {meta['vocab_size']}")
+        if checksums and digest.hexdigest() != shard["sha256"]:
             raise ShardError(f"shard {path} does not match the sha256 in {META_FILE}: it was changed or corrupted")
 
 

@@ -62,7 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--num_warmup_steps", type=int, default=15)
     p.add_argument("--max_train_steps", type=int, default=150)
     p.add_argument("--eval_steps", type=int, default=50, help="val loss and samples every N steps (0: only at the end)")
-    p.add_argument("--eval_iters", type=int, default=20, help="val batches per evaluation, shared by the processes")
+    p.add_argument("--eval_iters", type=int, default=10,
+                   help="val batches per evaluation, shared by the processes (the val split must hold them)")  # fmt: skip
     p.add_argument("--hellaswag", default=None,
                    help="HellaSwag at every evaluation: Rowan/hellaswag or a local jsonl (default: none; offline)")  # fmt: skip
     p.add_argument("--hellaswag_limit", type=int, default=None, help="only the first N HellaSwag examples")
