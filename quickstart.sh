@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # README command 1. On a fresh machine, offline: set up, tokenize the built-in corpus (Python's own
-# documentation) with a BPE trained on it, train the `small` preset (~8 minutes on 2 CPU cores),
+# documentation) with a BPE trained on it, train the `small` preset (~4 minutes on 2 CPU cores),
 # evaluate, print samples, and load the exported model with `pipeline`.
 set -euo pipefail
 cd "$(dirname "$0")"

@@ -22,6 +22,13 @@ def one_line_failure(result, message):
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
 
 
+def refused_before_the_first_step(data, tmp_path, message):
+    out = tmp_path / "run"
+    result = run_script([*TRAIN, *TINY_RUN, "--data_dir", str(data), "--output_dir", str(out)], tmp_path)
+    one_line_failure(result, message)
+    assert not (out / "metrics.jsonl").exists()
+
+
 @pytest.fixture
 def own_data(data_dir, tmp_path):
     copy = tmp_path / "data"
@@ -34,10 +41,7 @@ def test_changed_shard_bytes_are_refused_before_the_first_step(own_data, tmp_pat
     raw = bytearray(shard.read_bytes())
     raw[HEADER_BYTES + 100] ^= 1  # one flipped bit in a token
     shard.write_bytes(bytes(raw))
-    out = tmp_path / "run"
-    result = run_script([*TRAIN, *TINY_RUN, "--data_dir", str(own_data), "--output_dir", str(out)], tmp_path)
-    one_line_failure(result, "train_000001.bin does not match the sha256")
-    assert not (out / "metrics.jsonl").exists()
+    refused_before_the_first_step(own_data, tmp_path, "train_000001.bin does not match the sha256")
 
 
 def test_a_token_id_beyond_the_vocabulary_is_refused_before_the_first_step(own_data, tmp_path):
@@ -52,10 +56,7 @@ def test_a_token_id_beyond_the_vocabulary_is_refused_before_the_first_step(own_d
         if entry["file"] == shard.name:
             entry["sha256"] = file_sha256(shard)
     (own_data / "meta.json").write_text(json.dumps(meta))
-    out = tmp_path / "run"
-    result = run_script([*TRAIN, *TINY_RUN, "--data_dir", str(own_data), "--output_dir", str(out)], tmp_path)
-    one_line_failure(result, "holds token id 600 >= vocab_size 512")
-    assert not (out / "metrics.jsonl").exists()
+    refused_before_the_first_step(own_data, tmp_path, "holds token id 600 >= vocab_size 512")
 
 
 def copy_run(uninterrupted, tmp_path):
