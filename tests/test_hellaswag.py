@@ -210,7 +210,7 @@ def test_bad_data_names_the_line(mutate, message, handmade_hellaswag, tmp_path):
         eval_hellaswag.load_examples(bad)
 
 
-def test_command_line_errors_are_one_line(gpt2_pair, gpt2_tokenizer, tmp_path, handmade_hellaswag):
+def test_command_line_errors_are_one_line(gpt2_pair, gpt2_data, gpt2_tokenizer, tmp_path, handmade_hellaswag):
     """Missing file, an ending that cannot fit the window, data tokenized with another tokenizer."""
     small = opinionated_model(gpt2_tokenizer, n_positions=8)
     other_data = tmp_path / "other_data"  # tokenized with a BPE trained on the spot
@@ -224,6 +224,8 @@ def test_command_line_errors_are_one_line(gpt2_pair, gpt2_tokenizer, tmp_path, h
         (["--model", gpt2_pair[1], "--hellaswag", str(handmade_hellaswag), "--data_dir", str(other_data)],
          "was tokenized with another tokenizer"),
         (["--model", gpt2_pair[1], "--hellaswag", str(handmade_hellaswag), "--seq_len", "999"], r"--seq_len 999 exceeds .*'s context of"),
+        (["--model", gpt2_pair[1], "--hellaswag", str(handmade_hellaswag), "--data_dir", str(gpt2_data), "--val_batches", "100000"],
+         r"--val_batches 100000 x --val_batch_size 8 needs more val windows of \d+ tokens than"),
         (["--model", gpt2_pair[1], "--hellaswag", str(handmade_hellaswag), "--output", str(handmade_hellaswag / "r.json")],
          "cannot be written: .* is a file"),
     ]  # fmt: skip
