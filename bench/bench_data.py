@@ -19,6 +19,7 @@ import datetime
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -102,12 +103,18 @@ def stream_of_prepare_data(out: Path) -> np.ndarray:
     return np.concatenate([placed[i] if i in val_set else next(train) for i in range(len(documents))])
 
 
-def timed(command) -> float:
-    started = time.perf_counter()
+def timed(command, cache: Path) -> float:
+    """Wall time of the whole command, with an empty datasets cache of its own: datasets caches the parquet
+    conversion and map results, and a second run would otherwise read the first one's tokens."""
+    cache.mkdir()
     # One thread per process on both sides: the comparison is at equal process counts.
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "HF_DATASETS_CACHE": str(cache)}  # fmt: skip
+    started = time.perf_counter()
     subprocess.run(command, check=True, capture_output=True, env=env)
-    return time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    shutil.rmtree(cache)
+    return seconds
 
 
 def main(argv=None):
@@ -130,12 +137,12 @@ def main(argv=None):
                 out.mkdir()
                 if path == "fineweb.py loop":
                     seconds = timed([sys.executable, "-c", FINEWEB_LOOP, str(tokenizer / "gpt2.tiktoken"),
-                                     ",".join(map(str, files)), str(out), str(n)])  # fmt: skip
+                                     ",".join(map(str, files)), str(out), str(n)], tmp / "cache")  # fmt: skip
                     stream = np.concatenate([np.load(f) for f in sorted(out.glob("shard_*.npy"))])
                 else:
                     source = ["--files", *map(str, files)] if path == "in-memory" else ["--dataset", str(tmp / "corpus")]
                     seconds = timed([sys.executable, str(REPO / "prepare_data.py"), *source, "--tokenizer", str(tokenizer),
-                                     "--num_proc", str(n), "--val_tokens", args.val_tokens, "--output_dir", str(out)])  # fmt: skip
+                                     "--num_proc", str(n), "--val_tokens", args.val_tokens, "--output_dir", str(out)], tmp / "cache")  # fmt: skip
                     stream = stream_of_prepare_data(out)
                 hashes[(path, n)] = hashlib.sha256(stream.tobytes()).hexdigest()
                 rows.append({"path": path, "processes": n, "seconds": seconds, "tokens": int(stream.size),
