@@ -160,7 +160,7 @@ def test_native_export_runs_in_onnxruntime_with_our_logits_and_greedy_tokens(run
 
     example = torch.randint(0, 512, (2, 8))
     dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence", max=128)}
-    torch.onnx.export(Logits(gpt2), (example,), tmp_path / "model.onnx", input_names=["input_ids"],
+    torch.onnx.export(Logits(gpt2).eval(), (example,), tmp_path / "model.onnx", input_names=["input_ids"],
                       output_names=["logits"], dynamic_shapes={"input_ids": dims}, dynamo=True)  # fmt: skip
     session = onnxruntime.InferenceSession(tmp_path / "model.onnx", providers=["CPUExecutionProvider"])
 
