@@ -15,7 +15,6 @@ in-memory path writes its sampled val documents first; they are put back in plac
 """
 
 import argparse
-import datetime
 import hashlib
 import json
 import os
@@ -32,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO))
 
+from report import write_report  # noqa: E402
 from token_shards import open_shard, read_meta  # noqa: E402
 
 FINEWEB_LOOP = r'''
@@ -157,12 +157,9 @@ def main(argv=None):
             if r["processes"] == n:
                 r["ratio_to_fineweb_loop"] = r["tokens_per_s"] / peer
     identical = len(set(hashes.values())) == 1
-    report = {"date": datetime.date.today().isoformat(), "corpus_bytes": corpus_bytes, "identical_tokens": identical,
-              "results": rows}  # fmt: skip
+    report = {"corpus_bytes": corpus_bytes, "identical_tokens": identical, "results": rows}
     print(json.dumps(report, indent=1))
-    output = Path(args.output or REPO / "bench" / "results" / f"data-{report['date']}.json")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=1))
+    write_report("data", report, args.output)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ tokens/s at the target: the reader must exceed that by a wide margin.
 """
 
 import argparse
-import datetime
 import json
 import subprocess
 import sys
@@ -23,6 +22,7 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
+from report import write_report  # noqa: E402
 from token_shards import FORMAT_VERSION, HEADER_BYTES, HEADER_INTS, MAGIC, META_FILE, file_sha256  # noqa: E402
 
 SHARDS, TOKENS_PER_SHARD, BATCH, SEQ_LEN = 100, 100_000_000, 64, 1024
@@ -88,12 +88,9 @@ def main(argv=None):
             out = subprocess.run([sys.executable, "-c", script, directory, what], capture_output=True, text=True, check=True)
             results.update(json.loads(out.stdout.splitlines()[-1]))
     results["margin_over_one_h100"] = results["tokens_per_s"] / H100_TOKENS_PER_S
-    report = {"date": datetime.date.today().isoformat(), "shards": SHARDS, "tokens_per_shard": TOKENS_PER_SHARD,
-              "batch": BATCH, "seq_len": SEQ_LEN, **results}  # fmt: skip
+    report = {"shards": SHARDS, "tokens_per_shard": TOKENS_PER_SHARD, "batch": BATCH, "seq_len": SEQ_LEN, **results}
     print(json.dumps(report, indent=1))
-    output = Path(args.output or REPO / "bench" / "results" / f"reader-{report['date']}.json")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=1))
+    write_report("reader", report, args.output)
 
 
 if __name__ == "__main__":

@@ -6,15 +6,13 @@ the same config, data, dtype and thread count, in alternating rounds (who goes f
     python bench/bench_speed.py --only gpu            # GPT-2 124M, T=1024, bf16, eager and compiled (CUDA)
 
 Each benchmark prints a table with the median ratio ours / transformers and its spread over rounds, and
-everything goes to bench/results/<date>.json with the machine and versions. Peak memory is the peak RSS
+everything goes to bench/results/speed-<date>.json with the machine and versions. Peak memory is the peak RSS
 of a fresh process doing the same steps (CPU) or torch.cuda.max_memory_allocated (GPU).
 """
 
 import argparse
-import datetime
 import gc
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -23,7 +21,6 @@ import time
 from pathlib import Path
 
 import torch
-import transformers
 from transformers import GPT2Config, GPT2LMHeadModel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,6 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from configuration_minigpt import MiniGPTConfig  # noqa: E402
 from modeling_minigpt import MiniGPTForCausalLM  # noqa: E402
+from report import machine, write_report  # noqa: E402
 
 # The issue's CPU shapes: a small vocabulary, where the blocks dominate, and GPT-2's, where the
 # lm_head and the loss do.
@@ -262,18 +260,6 @@ def bench_gpu(args) -> dict:
     return results
 
 
-def machine() -> dict:
-    return {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
-
-
 BENCHMARKS = {"train_step": bench_train_step, "generate": bench_generate, "script": bench_script, "gpu": bench_gpu}
 
 
@@ -285,17 +271,11 @@ def main():
     p.add_argument("--new_tokens", type=int, default=64)
     p.add_argument("--gpu_steps", type=int, default=10)
     p.add_argument("--gpu_batches", type=int, nargs="+", default=[64, 48, 32, 16, 8])
-    p.add_argument("--output", default=None, help="default: bench/results/<date>.json")
+    p.add_argument("--output", default=None, help="default: bench/results/speed-<date>.json")
     args = p.parse_args()
     info = machine()
     print(f"{info['processor']}, {info['cpu_count']} threads, torch {info['torch']}, transformers {info['transformers']}")
-    results = {"machine": info}
-    for name in args.only or BENCHMARKS:
-        results[name] = BENCHMARKS[name](args)
-    output = Path(args.output or REPO / "bench" / "results" / f"{info['date'][:19].replace(':', '-')}.json")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=1))
-    print(f"\nwrote {output}")
+    write_report("speed", {name: BENCHMARKS[name](args) for name in args.only or BENCHMARKS}, args.output)
 
 
 if __name__ == "__main__":
