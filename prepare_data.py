@@ -9,9 +9,9 @@
 Each document is preceded by the end-of-text token. The val shard holds `--val_tokens` tokens: for a
 corpus of known size, whole documents drawn at random (seeded by `--val_seed`, listed in meta.json), so
 val measures the training distribution; for a streamed corpus, its first tokens (the convention of
-build-nanogpt and llm.c on FineWeb-Edu). The rest make train shards of `--shard_size` tokens. Shards are written under a temporary name and renamed,
-and `progress.json` records where each finished shard ends, so an interrupted run resumes where it
-stopped. `meta.json` (see token_shards.py) is written last: its presence means the directory is complete.
+build-nanogpt and llm.c on FineWeb-Edu). The rest make train shards of `--shard_size` tokens. Shards
+are written under a temporary name and renamed, and `progress.json` records where each finished shard
+ends, so an interrupted run resumes where it stopped. `meta.json` (see token_shards.py) is written last: its presence means the directory is complete.
 """
 
 import argparse
