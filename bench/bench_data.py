@@ -1,17 +1,18 @@
 """Tokenization throughput: prepare_data.py against build-nanogpt's fineweb.py loop, same documents, same
-process count, in one run. Needs ../shared/data/gpt2-tokenizer and `pip install tiktoken` (the peer's).
+process count, in one run. Needs ../shared/data/gpt2-tokenizer.
 
-    python bench/bench_data.py                   # ~10 min on 2 cores; JSON in bench/results/data-<date>.json
+    python bench/bench_data.py                   # ~6 min on 2 cores; JSON in bench/results/data-<date>.json
 
 The corpus (~200 MB of English in 8 parquet files) is documents resampled, with a seed, from the built-in
 corpus (Python's documentation) and Tiny Shakespeare cut into scenes: real English that is available
 offline. Each command's wall time is measured whole (start-up, reading, tokenizing, writing shards):
 - prepare_data.py, in-memory path (`--files *.parquet`: datasets.map with num_proc) and streaming path
-  (`--dataset DIR`: the same files streamed, tokenized in chunks), GPT-2's tokenizer via `tokenizers`;
+  (`--dataset DIR`: the same files streamed, tokenized in chunks by one pool of processes), GPT-2's
+  tokenizer encoded by tiktoken (the default); and the in-memory path with `--encoder tokenizers`;
 - fineweb.py's loop: load the dataset, `multiprocessing.Pool(N).imap(tokenize, rows, chunksize=16)` with
-  tiktoken's `encode_ordinary` per document, uint16 shards of 1e8 tokens.
-All three must produce the same tokens: compared as the corpus-order token stream (prepare_data's
-in-memory path writes its sampled val documents first; they are put back in place for the comparison).
+  `tiktoken.get_encoding("gpt2")`'s `encode_ordinary` per document, uint16 shards of 1e8 tokens.
+All must produce the same tokens: compared as the corpus-order token stream (prepare_data's in-memory
+path writes its sampled val documents first; they are put back in place for the comparison).
 """
 
 import argparse
@@ -38,9 +39,10 @@ FINEWEB_LOOP = r'''
 import multiprocessing as mp, sys, time
 import numpy as np, tiktoken, datasets
 from tiktoken.load import load_tiktoken_bpe
+from tiktoken_ext.openai_public import r50k_pat_str
 
-PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-enc = tiktoken.Encoding("gpt2", pat_str=PATTERN, mergeable_ranks=load_tiktoken_bpe(sys.argv[1]),
+# tiktoken.get_encoding("gpt2") as fineweb.py calls it, built from a local copy of its ranks (offline).
+enc = tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=load_tiktoken_bpe(sys.argv[1]),
                         special_tokens={"<|endoftext|>": 50256})
 eot = enc._special_tokens["<|endoftext|>"]
 
@@ -132,22 +134,23 @@ def main(argv=None):
         corpus_bytes = sum(f.stat().st_size for f in files)
         rows, hashes = [], {}
         for n in args.processes:
-            for path in ("in-memory", "streaming", "fineweb.py loop"):
-                out = tmp / f"{path.replace(' ', '_')}-{n}"
+            for path in ("in-memory", "streaming", "in-memory, tokenizers", "fineweb.py loop"):
+                out = tmp / f"{path.replace(' ', '_').replace(',', '')}-{n}"
                 out.mkdir()
                 if path == "fineweb.py loop":
                     seconds = timed([sys.executable, "-c", FINEWEB_LOOP, str(tokenizer / "gpt2.tiktoken"),
                                      ",".join(map(str, files)), str(out), str(n)], tmp / "cache")  # fmt: skip
                     stream = np.concatenate([np.load(f) for f in sorted(out.glob("shard_*.npy"))])
                 else:
-                    source = ["--files", *map(str, files)] if path == "in-memory" else ["--dataset", str(tmp / "corpus")]
-                    seconds = timed([sys.executable, str(REPO / "prepare_data.py"), *source, "--tokenizer", str(tokenizer),
+                    source = ["--dataset", str(tmp / "corpus")] if path == "streaming" else ["--files", *map(str, files)]
+                    encoder = ["--encoder", "tokenizers"] if path.endswith("tokenizers") else []
+                    seconds = timed([sys.executable, str(REPO / "prepare_data.py"), *source, *encoder, "--tokenizer", str(tokenizer),
                                      "--num_proc", str(n), "--val_tokens", args.val_tokens, "--output_dir", str(out)], tmp / "cache")  # fmt: skip
                     stream = stream_of_prepare_data(out)
                 hashes[(path, n)] = hashlib.sha256(stream.tobytes()).hexdigest()
                 rows.append({"path": path, "processes": n, "seconds": seconds, "tokens": int(stream.size),
                              "tokens_per_s": stream.size / seconds})  # fmt: skip
-                print(f"{path:>16} x{n}: {seconds:7.1f} s  {stream.size / seconds:>12,.0f} tokens/s", flush=True)
+                print(f"{path:>21} x{n}: {seconds:7.1f} s  {stream.size / seconds:>12,.0f} tokens/s", flush=True)
                 for old in out.iterdir():  # keep the disk small
                     if old.is_file():
                         old.unlink()

@@ -1,5 +1,6 @@
 """prepare_data.py and the shard reader, on real text (the built-in corpus) and real files."""
 
+import copy
 import json
 import shutil
 import sys
@@ -112,6 +113,64 @@ def test_trained_bpe_and_max_tokens(corpus_file, tmp_path):
     assert meta["vocab_size"] == 300 and meta["tokens"]["train"] + meta["tokens"]["val"] == 12000
     assert meta["tokens"]["val"] >= 1200 and meta["val_split"]["documents"]  # 10% of a known size, in whole documents
     assert all_tokens(out).max() < 300
+
+
+# --- the encoder: tiktoken where it gives the tokenizer's ids ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hard_documents(documents):
+    """Text that stresses a BPE: the built-in documents, Tiny Shakespeare when present, a page quoting the
+    end-of-text token, non-Latin scripts, emoji, runs of whitespace, digits and contractions."""
+    from conftest import SHARED_DATA
+
+    extra = ["A page that quotes <|endoftext|> in its text, twice: <|endoftext|>",
+             "naïve café — 日本語のテキスト, русский текст 🤖🧪\n\n\n   \t  trailing   ",
+             "1234567890 3.14159 '''quoted''' they'll we've you're it's don't I'm I'd I'M"]  # fmt: skip
+    shakespeare = SHARED_DATA / "tinyshakespeare" / "input.txt"
+    return documents + extra + ([shakespeare.read_text()[:300_000]] if shakespeare.exists() else [])
+
+
+@pytest.mark.parametrize("bpe", ["gpt2", "trained"])
+def test_tiktoken_writes_the_shards_the_tokenizer_writes(bpe, hard_documents, tokenizer_dir, tmp_path):
+    corpus = tmp_path / "hard.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in hard_documents))
+    if bpe == "trained":  # a BPE that `tokenizers` trains here, loaded back from the directory it was saved to
+        trained = prepare_data.main(["--files", str(corpus), "--vocab_size", "2000", "--output_dir",
+                                     str(tmp_path / "trained"), "--num_proc", "1", "--encoder", "tokenizers"])  # fmt: skip
+        tokenizer_dir = trained / "tokenizer"
+    outputs = {e: prepare(corpus, tokenizer_dir, tmp_path / e, "--encoder", e) for e in ("tiktoken", "tokenizers")}
+    assert read_meta(outputs["tiktoken"])["shards"] == read_meta(outputs["tokenizers"])["shards"]  # sha256 included
+    eot = read_meta(outputs["tiktoken"])["eot_token_id"]
+    assert (all_tokens(outputs["tiktoken"]) == eot).sum() == len(hard_documents)  # a quoted eot stays text
+
+
+def test_gpt2_as_tiktoken_has_openais_own_ranks(gpt2_tokenizer):
+    from tiktoken.load import load_tiktoken_bpe
+
+    from conftest import shared_file
+
+    openai = load_tiktoken_bpe(str(shared_file("gpt2-tokenizer/gpt2.tiktoken")))  # whisper's copy of GPT-2's ranks
+    encoding = prepare_data.tiktoken_encoding(gpt2_tokenizer)
+    assert {encoding.decode_single_token_bytes(rank): rank for rank in range(encoding.n_vocab)} == openai
+
+
+def test_a_bpe_tiktoken_cannot_reproduce_is_encoded_by_the_tokenizer(gpt2_tokenizer, documents, corpus_file, tmp_path):
+    from tokenizers import pre_tokenizers
+
+    tokenizer = copy.deepcopy(gpt2_tokenizer)  # "hello" and " hello" become the same tokens: not GPT-2's rule
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tokenizer.save_pretrained(tmp_path / "prefix_space")
+    assert prepare_data.tiktoken_encoding(tokenizer) is None
+    with pytest.raises(ValueError, match="tiktoken cannot reproduce tokenizer .*; use --encoder tokenizers"):
+        prepare(corpus_file, tmp_path / "prefix_space", tmp_path / "refused", "--encoder", "tiktoken")
+    assert not (tmp_path / "refused").exists()
+    out = prepare(corpus_file, tmp_path / "prefix_space", tmp_path / "auto")
+    meta = read_meta(out)
+    val, eot = meta["val_split"]["documents"], meta["eot_token_id"]
+    order = val + [i for i in range(len(documents)) if i not in set(val)]
+    expected = [[eot] + tokenizer(documents[i], add_special_tokens=False)["input_ids"] for i in order]
+    assert all_tokens(out).tolist() == np.concatenate(expected).tolist()
 
 
 def test_builtin_corpus_is_megabytes_of_real_english():
@@ -242,12 +301,13 @@ def test_streamed_corpus_tokenizes_like_an_in_memory_one(corpus_file, gpt2_token
     import datasets
 
     args = prepare_data.parse_args(["--chunk_docs", "7", "--num_proc", "2"])
+    encode = prepare_data.document_encoder(args, gpt2_tokenizer)
     in_memory = datasets.load_dataset("json", data_files=str(corpus_file), split="train").select_columns(["text"])
-    in_memory = in_memory.map(**prepare_data.encode_options(gpt2_tokenizer))
+    in_memory = in_memory.map(**prepare_data.encode_options(encode))
     streamed = datasets.load_dataset("json", data_files=str(corpus_file), split="train", streaming=True)
     for skip in (0, 10):  # a record without a stream position (an older progress.json) skips documents
-        expected = [ids.tolist() for ids, _ in prepare_data.tokenized_documents(in_memory, gpt2_tokenizer, args, {"end_doc": skip})]
-        got = [ids.tolist() for ids, _ in prepare_data.tokenized_documents(streamed, gpt2_tokenizer, args, {"end_doc": skip})]
+        expected = [ids.tolist() for ids, _ in prepare_data.tokenized_documents(in_memory, encode, args, {"end_doc": skip})]
+        got = [ids.tolist() for ids, _ in prepare_data.tokenized_documents(streamed, encode, args, {"end_doc": skip})]
         assert got == expected and len(got) == 120 - skip
 
 
