@@ -7,8 +7,9 @@
 
 One optimizer step sees `--total_batch_size` tokens: micro-batches of `--per_device_train_batch_size`
 windows per process, accumulated (DDP syncs only on the last micro-step). AdamW with decay on 2-D
-weights, clipping, linear warmup then cosine to 10% of the peak, as GPT-3. Checkpoints hold model,
-optimizer, every process's RNG, the step and the data position, so a resumed run continues exactly.
+weights (or, with `--optimizer muon`, Muon for the blocks' matrices and AdamW for the rest), clipping,
+linear warmup then cosine to 10% of the peak, as GPT-3. Checkpoints hold model, optimizers, every
+process's RNG, the step and the data position, so a resumed run continues exactly.
 """
 
 import argparse
@@ -21,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedType
 from accelerate.utils import set_seed
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from tqdm import tqdm
@@ -57,7 +58,15 @@ def parse_args(argv=None):
     p.add_argument("--gradient_accumulation_steps", type=int, default=1, help="used when no --total_batch_size")
     p.add_argument("--learning_rate", type=float, default=1e-3, help="peak (6e-4 for the 124M recipe)")
     p.add_argument("--min_lr_ratio", type=float, default=0.1, help="cosine floor, as a fraction of the peak")
-    p.add_argument("--weight_decay", type=float, default=0.1)
+    p.add_argument("--weight_decay", type=float, default=0.1, help="decoupled, on 2-D weights (both optimizers)")
+    p.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",
+                   help="muon: torch.optim.Muon for the blocks' matrices (c_attn, c_proj, c_fc), AdamW for the rest")
+    p.add_argument("--muon_learning_rate", type=float, default=None,
+                   help="Muon's peak lr (default: --learning_rate, which the match_rms_adamw adjustment carries over)")
+    p.add_argument("--muon_momentum", type=float, default=0.95)
+    p.add_argument("--muon_adjust_lr", choices=["match_rms_adamw", "original"], default="match_rms_adamw",
+                   help="torch's per-shape lr scaling: 0.2 sqrt(max(A, B)) gives Muon's updates AdamW's RMS "
+                        "(Moonshot); original: sqrt(max(1, A/B)) (Keller Jordan's, lr ~0.02)")  # fmt: skip
     p.add_argument("--max_grad_norm", type=float, default=1.0)
     p.add_argument("--num_warmup_steps", type=int, default=15)
     p.add_argument("--max_train_steps", type=int, default=150)
@@ -84,11 +93,13 @@ def parse_args(argv=None):
     positive = ["per_device_train_batch_size", "gradient_accumulation_steps", "max_train_steps", "eval_iters",
                 "learning_rate", "max_grad_norm", "checkpoints_total_limit"]  # fmt: skip
     non_negative = ["num_warmup_steps", "eval_steps", "checkpointing_steps", "weight_decay"]
-    optional_positive = ["seq_len", "total_batch_size", "hellaswag_limit"]
+    optional_positive = ["seq_len", "total_batch_size", "hellaswag_limit", "muon_learning_rate"]
     problems = [f"--{n} must be positive, got {getattr(args, n)}" for n in positive if not getattr(args, n) > 0]
     problems += [f"--{n} must be >= 0, got {getattr(args, n)}" for n in non_negative if not getattr(args, n) >= 0]
     problems += [f"--{n} must be positive, got {getattr(args, n)}" for n in optional_positive
                  if getattr(args, n) is not None and getattr(args, n) <= 0]  # fmt: skip
+    if not 0 <= args.muon_momentum < 1:
+        problems.append(f"--muon_momentum must be in [0, 1), got {args.muon_momentum}")
     if not 0 <= args.min_lr_ratio <= 1:
         problems.append(f"--min_lr_ratio is a fraction of the peak in [0, 1], got {args.min_lr_ratio}")
     if args.push_to_hub and not args.hub_model_id:
@@ -96,6 +107,7 @@ def parse_args(argv=None):
     if problems:
         p.error("; ".join(problems))
     args.output_dir = Path(args.output_dir)
+    args.muon_learning_rate = args.muon_learning_rate or args.learning_rate
     return args
 
 
@@ -174,24 +186,39 @@ def accumulation_steps(args, world_size, seq_len) -> int:
     return args.total_batch_size // tokens_per_micro_step
 
 
-def configure_optimizer(model, args, device_type):
-    """AdamW, decaying only 2-D weights (matmuls, embeddings): biases and LayerNorm gains are not decayed."""
-    params = [p for p in model.parameters() if p.requires_grad]
+MUON_MATRICES = ("c_attn.weight", "c_proj.weight", "c_fc.weight")  # the blocks' matmuls
+
+
+def configure_optimizers(model, args, device_type) -> list[torch.optim.Optimizer]:
+    """AdamW, decaying only 2-D weights (matmuls, embeddings): biases and LayerNorm gains are not decayed.
+    With --optimizer muon the blocks' matrices go to Muon instead, and AdamW keeps the embeddings (and the
+    head tied to them), biases and gains: Muon orthogonalizes hidden layers' updates, not lookups. Each
+    parameter group carries its peak lr for the schedule."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    matrices = [p for name, p in named if args.optimizer == "muon" and name.endswith(MUON_MATRICES)]
+    rest = [p for name, p in named if not any(p is m for m in matrices)]
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": args.weight_decay},
+        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
     ]
     fused = device_type == "cuda"  # the fused kernel: one launch for all parameters
-    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+    adamw = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+    optimizers = [adamw]
+    if matrices:
+        optimizers.append(torch.optim.Muon(matrices, lr=args.muon_learning_rate, weight_decay=args.weight_decay,
+                                           momentum=args.muon_momentum, adjust_lr_fn=args.muon_adjust_lr))  # fmt: skip
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["peak_lr"] = group["lr"]
+    return optimizers
 
 
-def learning_rate(step, args) -> float:
-    """Linear warmup to the peak, then cosine decay to min_lr_ratio of it at max_train_steps."""
-    peak, floor = args.learning_rate, args.learning_rate * args.min_lr_ratio
+def lr_factor(step, args) -> float:
+    """The schedule, as a fraction of the peak: linear warmup, then cosine to min_lr_ratio at max_train_steps."""
     if step < args.num_warmup_steps:
-        return peak * (step + 1) / args.num_warmup_steps
+        return (step + 1) / args.num_warmup_steps
     progress = (step - args.num_warmup_steps) / max(1, args.max_train_steps - args.num_warmup_steps)
-    return floor + 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (peak - floor)
+    return args.min_lr_ratio + 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (1 - args.min_lr_ratio)
 
 
 # --- the loop --------------------------------------------------------------------------------------
@@ -205,7 +232,7 @@ def to_device(window: torch.Tensor, device: torch.device) -> torch.Tensor:
     return window.to(device)
 
 
-def train_step(accelerator, model, optimizer, batches, args):
+def train_step(accelerator, model, optimizers, batches, args):
     """One optimizer step over the accumulated micro-batches; returns (mean loss, grad norm)."""
     losses = []
     for _ in range(accelerator.gradient_accumulation_steps):
@@ -215,8 +242,9 @@ def train_step(accelerator, model, optimizer, batches, args):
             accelerator.backward(loss)  # divides by the accumulation steps itself
             if accelerator.sync_gradients:
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            optimizer.step()  # a no-op until the last micro-step
-            optimizer.zero_grad(set_to_none=True)
+            for optimizer in optimizers:
+                optimizer.step()  # a no-op until the last micro-step
+                optimizer.zero_grad(set_to_none=True)
         losses.append(loss.detach())
     mean_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean")
     return mean_loss.item(), grad_norm.item()
@@ -268,7 +296,11 @@ def peak_flops(accelerator):
 # --- checkpoints -----------------------------------------------------------------------------------
 
 
-def check_same_model(checkpoint: Path, config: MiniGPTConfig):
+def check_same_model(checkpoint: Path, config: MiniGPTConfig, optimizer: str):
+    arguments = checkpoint / "training_args.json"
+    saved_optimizer = json.loads(arguments.read_text()).get("optimizer", "adamw") if arguments.exists() else "adamw"
+    if saved_optimizer != optimizer:
+        raise ValueError(f"cannot resume {checkpoint}, trained with --optimizer {saved_optimizer}, with --optimizer {optimizer}")
     saved = MiniGPTConfig.from_json_file(checkpoint / "config.json")
     fields = ["vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "pad_vocab_size_multiple"]
     differing = [f"{f}: checkpoint {getattr(saved, f)}, now {getattr(config, f)}" for f in fields
@@ -352,7 +384,7 @@ def model_card(args, summary) -> ModelCard:
         f"| model | {args.model}: {summary['parameters']:,} parameters |",
         f"| data | {source} ({meta['tokens']['train']:,} train tokens, tokenizer {meta['tokenizer']}) |",
         f"| recipe | {summary['steps']} steps x {summary['tokens_per_step']:,} tokens, peak lr {args.learning_rate}, "
-        f"warmup {args.num_warmup_steps}, cosine to {args.min_lr_ratio:g}x, AdamW wd {args.weight_decay} |",
+        f"warmup {args.num_warmup_steps}, cosine to {args.min_lr_ratio:g}x, {optimizer_text(args)}, wd {args.weight_decay} |",
         f"| tokens seen | {summary['tokens_seen']:,} |",
         f"| final train loss | {summary['train_loss']:.4f} |",
         f"| final val loss | {summary['val_loss']:.4f} |",
@@ -366,6 +398,13 @@ def model_card(args, summary) -> ModelCard:
         ]  # fmt: skip
     body = "\n".join(lines + ["", "![loss](loss.png)", ""])
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+
+
+def optimizer_text(args) -> str:
+    if args.optimizer == "adamw":
+        return "AdamW"
+    return (f"Muon for the blocks' matrices (peak lr {args.muon_learning_rate}, momentum {args.muon_momentum}, "
+            f"{args.muon_adjust_lr} lr adjustment) and AdamW for the rest")  # fmt: skip
 
 
 def plot_losses(metrics_file: Path, png: Path, title: str):
@@ -440,8 +479,14 @@ def main(argv=None):
     # Every check runs before the first step, and before anything is written.
     if args.output_dir.exists() and not args.output_dir.is_dir():
         raise ValueError(f"--output_dir {args.output_dir} is a file, not a directory")
+    if args.optimizer == "muon" and accelerator.distributed_type == DistributedType.FSDP:
+        # torch's Muon itself works on FSDP2's DTensor shards (tested equal to DDP); accelerate does not save it.
+        raise ValueError("--optimizer muon does not run under FSDP: accelerate saves one optimizer per FSDP model in "
+                         "a checkpoint, and Muon is a second one; use DDP (a multi-GPU config without FSDP)")  # fmt: skip
     meta = read_meta(args.data_dir)
-    model = build_model(args, meta)
+    # from_pretrained returns a model in eval mode: it would train without dropout, without the chunked loss,
+    # and with a KV cache built at every step.
+    model = build_model(args, meta).train()
     seq_len = args.seq_len or model.config.n_positions
     if seq_len > model.config.n_positions:
         raise ValueError(f"--seq_len {seq_len} exceeds the model's context n_positions={model.config.n_positions}")
@@ -453,7 +498,7 @@ def main(argv=None):
     hellaswag = load_examples(args.hellaswag, args.hellaswag_limit) if args.hellaswag else None
     candidates = checkpoint_candidates(args.resume_from_checkpoint, args.output_dir) if args.resume_from_checkpoint else []
     if candidates:
-        check_same_model(candidates[0], model.config)
+        check_same_model(candidates[0], model.config, args.optimizer)
     lock = lock_output_dir(args.output_dir) if accelerator.is_main_process else None  # noqa: F841 (held to the end)
     check_shared_filesystem(accelerator, args.output_dir)
     if accelerator.is_local_main_process:  # once per node: the shards are read by every process of a node
@@ -463,8 +508,7 @@ def main(argv=None):
               f"{time.perf_counter() - started:.1f} s")  # fmt: skip
     accelerator.wait_for_everyone()
 
-    optimizer = configure_optimizer(model, args, accelerator.device.type)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, *optimizers = accelerator.prepare(model, *configure_optimizers(model, args, accelerator.device.type))
     accelerator.register_save_state_pre_hook(save_tied_head_once)
     start_step = 0
     if candidates:
@@ -495,10 +539,10 @@ def main(argv=None):
                disable=not accelerator.is_main_process, desc="training")  # fmt: skip
     train_loss, evaluation = float("nan"), {}
     for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, args)
+        for group in (group for optimizer in optimizers for group in optimizer.param_groups):
+            group["lr"] = group["peak_lr"] * lr_factor(step, args)
         started = time.perf_counter()
-        train_loss, grad_norm = train_step(accelerator, train_model, optimizer, batches, args)
+        train_loss, grad_norm = train_step(accelerator, train_model, optimizers, batches, args)
         if accelerator.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - started
@@ -506,8 +550,10 @@ def main(argv=None):
         if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):
             raise ValueError(f"step {step}: loss {train_loss}, grad norm {grad_norm}: training diverged or the weights "
                              "are corrupt; stopped without checkpointing this state")  # fmt: skip
-        row = {"step": step, "loss": train_loss, "lr": learning_rate(step, args), "grad_norm": grad_norm,
+        row = {"step": step, "loss": train_loss, "lr": args.learning_rate * lr_factor(step, args), "grad_norm": grad_norm,
                "dt_ms": 1000 * seconds, "tokens_per_s": tokens_per_step / seconds}  # fmt: skip
+        if args.optimizer == "muon":
+            row["muon_lr"] = args.muon_learning_rate * lr_factor(step, args)
         if peak:
             row["mfu"] = flops_per_step / seconds / (peak * accelerator.num_processes)
         bar.set_postfix(loss=f"{train_loss:.4f}", norm=f"{grad_norm:.2f}", tok_s=f"{row['tokens_per_s']:,.0f}")
