@@ -18,9 +18,9 @@ import argparse
 import ast
 import hashlib
 import json
+import multiprocessing
 import os
 import sys
-import multiprocessing
 import sysconfig
 from functools import partial
 from itertools import chain, count, islice
@@ -269,18 +269,23 @@ def encode_piece(texts):
     return encode_in_worker(texts)
 
 
-def encoded_chunks(chunks, encode, processes: int):
-    """Each chunk's token arrays, encoded by `processes` worker processes started once for the whole run.
-    One chunk is encoded while this process reads the next and writes out the one before."""
+def encoded_rows(chunks, encode, processes: int):
+    """(token array, stream state) of each (text, stream state) row of `chunks` (lists of rows), encoded by
+    `processes` worker processes started once for the whole run. One chunk is encoded while this process
+    reads the next and writes out the one before."""
     with multiprocessing.Pool(processes, initializer=start_worker, initargs=(encode,)) as pool:
         pending = None
         for chunk in chain(chunks, [None]):
+            job = None
             if chunk is not None:
-                step = -(-len(chunk) // (4 * processes))  # a few pieces per process: none waits on one slow piece
-                job = pool.map_async(encode_piece, [chunk[i : i + step] for i in range(0, len(chunk), step)])
+                texts = [text for text, _ in chunk]
+                step = -(-len(texts) // (4 * processes))  # a few pieces per process: none waits on one slow piece
+                pieces = pool.map_async(encode_piece, [texts[i : i + step] for i in range(0, len(texts), step)])
+                job = pieces, [state for _, state in chunk]
             if pending is not None:
-                yield [ids for piece in pending.get() for ids in piece]
-            pending = job if chunk is not None else None
+                pieces, states = pending
+                yield from zip((ids for piece in pieces.get() for ids in piece), states)
+            pending = job
 
 
 def tokenized_documents(corpus, encode, args, start: dict):
@@ -302,16 +307,7 @@ def tokenized_documents(corpus, encode, args, start: dict):
     # The position after each document (~20 us: 2% of tokenizing a typical web page) lets a shard that
     # ends anywhere record exactly where its successor starts.
     rows = ((row["text"], corpus.state_dict()) for row in corpus)
-    chunks = iter(lambda: list(islice(rows, args.chunk_docs)), [])
-    states = []  # of the chunks read and not yet yielded
-
-    def texts_of(chunks):
-        for chunk in chunks:
-            states.append([state for _, state in chunk])
-            yield [text for text, _ in chunk]
-
-    for ids in encoded_chunks(texts_of(chunks), encode, args.num_proc):
-        yield from zip(ids, states.pop(0))
+    yield from encoded_rows(iter(lambda: list(islice(rows, args.chunk_docs)), []), encode, args.num_proc)
 
 
 def plan_val_tokens(args, lengths) -> int:
