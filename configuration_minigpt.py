@@ -4,7 +4,18 @@ This file is Hub "remote code": `save_pretrained` copies it next to the weights,
 installed packages.
 """
 
-from transformers import PretrainedConfig
+import transformers
+from packaging.version import Version
+
+# The oldest transformers the suite passes on (CI tests it, and the newest release). Checked here, the
+# first file `from_pretrained(..., trust_remote_code=True)` imports, so an older one is refused in one line
+# at load instead of failing inside `generate`.
+OLDEST_TRANSFORMERS = "5.17"
+if Version(transformers.__version__) < Version(OLDEST_TRANSFORMERS):
+    raise ImportError(f"MiniGPT needs transformers >= {OLDEST_TRANSFORMERS}, found {transformers.__version__}: "
+                      f"pip install 'transformers>={OLDEST_TRANSFORMERS}'")  # fmt: skip
+
+from transformers import PretrainedConfig  # noqa: E402  (after the check: older releases may lack names we import)
 
 # The GPT-2 family by size (OpenAI's gpt2, gpt2-medium, -large, -xl), plus sizes for a laptop CPU.
 PRESETS = {
@@ -45,7 +56,7 @@ class MiniGPTConfig(PretrainedConfig):
     """
 
     model_type = "minigpt"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]  # Trainer drops the KV cache by name: 5.24's, and older
     attribute_map = {
         "hidden_size": "n_embd",
         "max_position_embeddings": "n_positions",

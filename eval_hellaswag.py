@@ -32,8 +32,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import modeling_minigpt  # noqa: F401  registers MiniGPT with the Auto classes: training checkpoints hold no code
-from prepare_data import tokenizer_sha256
-from token_shards import ShardedTokens, ShardError, read_meta, write_atomically
+from token_shards import ShardedTokens, ShardError, read_meta, tokenizer_sha256, write_atomically
 
 HUB_DATASET = "Rowan/hellaswag"
 CONVENTIONS = ("completion", "harness")
@@ -99,8 +98,11 @@ def load_examples(source: str, limit: int | None = None) -> list[Example]:
                     raise HellaSwagError(f"{path}:{number}: malformed JSON ({error.msg})") from None
                 examples.append(parse_example(record, number, str(path)))
     else:
-        import datasets
-
+        try:  # only here: the GPU images, and a run on local files, do without it
+            import datasets
+        except ImportError:
+            raise HellaSwagError(f"loading HellaSwag as {source!r} needs the `datasets` package (pip install datasets); "
+                                 "or pass a local jsonl") from None  # fmt: skip
         try:
             split = datasets.load_dataset(source, split="validation")
         except Exception as error:  # noqa: BLE001  offline, unknown id, no validation split: all end the same way

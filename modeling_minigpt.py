@@ -8,6 +8,7 @@ This file is Hub "remote code": `save_pretrained` copies it next to the weights,
 installed packages and, relatively, `configuration_minigpt`.
 """
 
+import dataclasses
 import math
 
 import torch
@@ -42,7 +43,7 @@ class CausalSelfAttention(nn.Module):
         self.attn_pdrop = config.attn_pdrop
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
-    def forward(self, x, attn_mask=None, past_key_values=None, output_attentions=False):
+    def forward(self, x, attn_mask=None, cache=None, output_attentions=False):
         """`attn_mask` None means plain causal attention: over a full sequence, or one new token seeing
         every cached one. Returns the output and, only when asked, the attention weights."""
         B, T, C = x.shape
@@ -50,8 +51,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)  # (B, nh, past + T, hs)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)  # (B, nh, past + T, hs)
         dropout = self.attn_pdrop if self.training else 0.0
         if output_attentions:
             y, weights = attention_with_weights(q, k, v, attn_mask, dropout)
@@ -99,8 +100,8 @@ class Block(GradientCheckpointingLayer):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, attn_mask=None, past_key_values=None, output_attentions=False):
-        attended, weights = self.attn(self.ln_1(x), attn_mask, past_key_values, output_attentions)
+    def forward(self, x, attn_mask=None, cache=None, output_attentions=False):
+        attended, weights = self.attn(self.ln_1(x), attn_mask, cache, output_attentions)
         x = x + attended
         return x + self.mlp(self.ln_2(x)), weights
 
@@ -110,7 +111,7 @@ class MiniGPTPreTrainedModel(PreTrainedModel):
     base_model_prefix = "transformer"
     supports_gradient_checkpointing = True
     _no_split_modules = ["Block"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]  # the cache's name from transformers 5.24, and before
     _supports_sdpa = True
     _can_compile_fullgraph = True
 
@@ -159,12 +160,13 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
         input_ids=None,
         attention_mask=None,
         position_ids=None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds=None,
         use_cache=None,
         output_attentions=None,
         output_hidden_states=None,
         return_dict=None,
+        past_key_values=None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """As transformers' GPT2Model: `hidden_states` are the embeddings' output and every block's (the last
@@ -178,9 +180,11 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
         T = inputs_embeds.shape[1]
         if use_cache is None:  # a cache only pays off when generating; in training it just holds memory
             use_cache = self.config.use_cache and not self.training
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        cache = past_key_values if use_cache else None
+        cache = one_cache(cache, past_key_values)
+        if not use_cache:
+            cache = None
+        elif cache is None:
+            cache = DynamicCache(config=self.config)
         # A static cache (what compiled generation uses) counts its tokens in a tensor and hands attention
         # all of its preallocated slots; a dynamic one counts in Python and hands over exactly past + T keys.
         past_length = cache.get_seq_length() if cache is not None else 0
@@ -209,11 +213,25 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
         x = self.ln_f(x)
         output = BaseModelOutputWithPast(
             last_hidden_state=x,
-            past_key_values=cache,
+            **{CACHE_FIELD: cache},
             hidden_states=(*hidden_states, x) if output_hidden_states else None,
             attentions=tuple(attentions) if output_attentions else None,
         )
         return output if _flag(return_dict, self.config.return_dict) else output.to_tuple()
+
+
+# transformers 5.24 renamed the KV cache from `past_key_values` to `cache`: the argument `generate` passes to
+# `forward`, and the output field it reads the cache back from. `forward` takes either name; outputs use the
+# installed release's field, read off its public output class (the old name warns on 5.24, and earlier
+# releases have no new one).
+CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(BaseModelOutputWithPast)} else "past_key_values"
+
+
+def one_cache(cache, past_key_values):
+    """The KV cache passed under either name."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError("pass the KV cache once: as `cache` (or as `past_key_values`, its name before transformers 5.24)")
+    return cache if cache is not None else past_key_values
 
 
 def _flag(value, default) -> bool:
@@ -347,7 +365,7 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
         input_ids=None,
         attention_mask=None,
         position_ids=None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds=None,
         labels=None,
         use_cache=None,
@@ -356,6 +374,7 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
         output_attentions=None,
         output_hidden_states=None,
         return_dict=None,
+        past_key_values=None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """`labels` are the inputs themselves (shifted inside), or `shift_labels=` (a keyword, as transformers'
@@ -363,18 +382,20 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
         every argument with "label" in its name as a label column. `logits_to_keep`: an int keeps the last
         that many positions (0 keeps all; generate asks for 1), a tensor selects positions. Training with a
         loss (train mode, gradients on, eager) returns no logits: the loss then comes from
-        `chunked_lm_head_loss`, which never holds all of them."""
+        `chunked_lm_head_loss`, which never holds all of them. The KV cache comes as `cache` (transformers
+        >= 5.24) or `past_key_values` (before)."""
         shift_labels = kwargs.get("shift_labels")
         wants_loss = labels is not None or shift_labels is not None
         outputs = self.transformer(
             input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            past_key_values=past_key_values,
         )
         hidden_states = outputs.last_hidden_state
         vocab_size = self.config.vocab_size
@@ -400,7 +421,7 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
         output = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )

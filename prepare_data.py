@@ -16,7 +16,6 @@ ends, so an interrupted run resumes where it stopped. `meta.json` (see token_sha
 
 import argparse
 import ast
-import hashlib
 import json
 import multiprocessing
 import os
@@ -26,7 +25,6 @@ from functools import partial
 from itertools import chain, count, islice
 from pathlib import Path
 
-import datasets
 import numpy as np
 import pyarrow.compute as pc
 import tiktoken
@@ -34,7 +32,13 @@ from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from token_shards import META_FILE, ShardError, token_dtype, verify_shards, write_atomically, write_shard
+try:  # corpora load through it; the scripts that only read shards (training, evaluation) do without it
+    import datasets
+except ImportError:
+    sys.exit("prepare_data.py: error: it needs the `datasets` package (pip install datasets)")
+
+from token_shards import (META_FILE, ShardError, token_dtype, tokenizer_sha256, verify_shards, write_atomically,
+                          write_shard)  # fmt: skip
 
 EOT = "<|endoftext|>"
 MIN_BPE_VOCAB = 257  # the 256 byte tokens every byte-level BPE has, plus EOT
@@ -178,11 +182,6 @@ def load_tokenizer(args, corpus) -> PreTrainedTokenizerFast:
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(texts, vocab_size=args.vocab_size, special_tokens=[EOT], show_progress=False)
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=EOT, eos_token=EOT, unk_token=EOT)
-
-
-def tokenizer_sha256(tokenizer) -> str:
-    """Fingerprint of the vocabulary and merges, to catch shards made with another tokenizer."""
-    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
 
 
 def tiktoken_encoding(tokenizer) -> tiktoken.Encoding | None:

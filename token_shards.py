@@ -33,6 +33,12 @@ def token_dtype(vocab_size: int) -> np.dtype:
     raise ShardError(f"vocabulary of {vocab_size} tokens does not fit in uint32 shards")
 
 
+def tokenizer_sha256(tokenizer) -> str:
+    """Fingerprint of the vocabulary and merges, recorded in the manifest to catch shards made with another
+    tokenizer than the model's."""
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
+
+
 def write_atomically(path: Path, write) -> None:
     """Call `write(file)` on a temporary name, then rename: a crash never leaves a file that looks done."""
     temporary = path.with_name(path.name + ".tmp")

@@ -34,8 +34,7 @@ from configuration_minigpt import PRESETS, MiniGPTConfig
 from eval_hellaswag import evaluate_hellaswag, load_examples, val_loss
 from export_gpt2 import export_gpt2
 from modeling_minigpt import MiniGPTForCausalLM
-from prepare_data import tokenizer_sha256
-from token_shards import ShardedTokens, ShardError, read_meta, verify_shards, write_atomically
+from token_shards import ShardedTokens, ShardError, read_meta, tokenizer_sha256, verify_shards, write_atomically
 
 OPENAI_GPT2 = {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"}  # `--model` names for OpenAI's weights
 GPT2_124M_HELLASWAG = 0.2955  # completion-style acc_norm, full val split (build-nanogpt / llm.c)

@@ -2,11 +2,15 @@
 shapes, the static cache, and requests longer than the context. References are transformers' own
 GPT2LMHeadModel and the eager model."""
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from conftest import TINY, VOCAB
+from conftest import REPO, TINY, VOCAB, script_env
 from modeling_minigpt import MiniGPTForCausalLM
 
 GREEDY = dict(do_sample=False, pad_token_id=VOCAB - 1)
@@ -59,7 +63,7 @@ def test_hidden_states_attentions_and_tuples_equal_gpt2(gpt2_and_ours):
 
     with torch.no_grad():  # a decoding step: one query against the cached keys
         prefix = ours(x[:, :-1], use_cache=True)
-        step = ours(x[:, -1:], past_key_values=prefix.past_key_values, output_attentions=True)
+        step = ours(x[:, -1:], cache=cache_of(prefix), output_attentions=True)
     torch.testing.assert_close(step.attentions[1], theirs.attentions[1][:, :, -1:], atol=1e-6, rtol=0)
 
     with torch.no_grad():
@@ -129,3 +133,66 @@ def test_generating_past_the_context_is_refused_before_any_work(gpt2_and_ours):
     finally:
         hook.remove()
     assert calls == []
+
+
+def cache_of(output):
+    """An output's KV cache, under the installed transformers' name for it (`cache` from 5.24)."""
+    return output["cache"] if "cache" in output else output["past_key_values"]
+
+
+def test_the_cache_goes_by_either_name_and_nothing_warns():
+    """transformers 5.24 hands the KV cache to `forward` as `cache=` (earlier releases: `past_key_values=`) and
+    reads it back from the output's `cache` field; a model that missed it decoded every token without context.
+    A fresh process, so that transformers' once-per-process deprecation warnings still print."""
+    script = textwrap.dedent(f"""
+        import torch
+        from transformers import GPT2Config, GPT2LMHeadModel
+        from modeling_minigpt import MiniGPTForCausalLM
+        from test_transformers import cache_of
+
+        torch.manual_seed(0)
+        gpt2 = GPT2LMHeadModel(GPT2Config(**{TINY!r})).eval()
+        ours = MiniGPTForCausalLM.from_gpt2(gpt2).eval()
+        prompt = torch.randint(0, {VOCAB}, (2, 6), generator=torch.Generator().manual_seed(1))
+        greedy = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=24, do_sample=False, pad_token_id={VOCAB - 1})
+        assert torch.equal(ours.generate(prompt, **greedy), gpt2.generate(prompt, **greedy)), "generation differs"
+        with torch.no_grad():
+            full = ours(prompt).logits[:, -1]
+            for name in ("cache", "past_key_values"):
+                cache = cache_of(ours(prompt[:, :-1], use_cache=True))
+                step = ours(prompt[:, -1:], **{{name: cache}})
+                assert cache_of(step).get_seq_length() == 6, name
+                torch.testing.assert_close(step.logits[:, -1], full, atol=1e-5, rtol=0)
+            try:
+                ours(prompt, cache=cache, past_key_values=cache)
+            except ValueError as error:
+                assert "pass the KV cache once" in str(error)
+            else:
+                raise AssertionError("a cache under both names was accepted")
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO / "tests", env=script_env(PYTHONPATH=str(REPO)),
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+    assert result.stderr == "", result.stderr  # no deprecation, no warning
+
+
+def test_an_older_transformers_is_refused_at_load_in_one_line(tmp_path):
+    """The oldest release CI tests is the oldest the model claims: an older one is named at load, by the remote
+    code's loader, not found out inside `generate`. (The installed release, reported as 5.16.1.)"""
+    from configuration_minigpt import OLDEST_TRANSFORMERS, MiniGPTConfig
+
+    MiniGPTForCausalLM(MiniGPTConfig(**TINY)).save_pretrained(tmp_path / "model")
+    script = textwrap.dedent(f"""
+        import sys, transformers
+        from transformers import AutoModelForCausalLM
+        sys.modules["transformers"].__version__ = "5.16.1"
+        AutoModelForCausalLM.from_pretrained({str(tmp_path / "model")!r}, trust_remote_code=True)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=script_env(HF_MODULES_CACHE=str(tmp_path / "modules")),
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"ImportError: MiniGPT needs transformers >= {OLDEST_TRANSFORMERS}, found 5.16.1: "
+        f"pip install 'transformers>={OLDEST_TRANSFORMERS}'"
+    )
