@@ -8,7 +8,7 @@ cd "$(dirname "$0")"
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q torch==2.13.0  # first: a bare `torch` requirement pulls a large CUDA build
-.venv/bin/python -m pip install -q -r requirements.txt
+.venv/bin/python -m pip install -q -r requirements.txt -c requirements-lock.txt  # the tested versions
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 .venv/bin/python prepare_data.py --vocab_size 8192 --output_dir data/builtin

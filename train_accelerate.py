@@ -38,7 +38,9 @@ from token_shards import ShardedTokens, ShardError, read_meta, tokenizer_sha256,
 
 OPENAI_GPT2 = {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"}  # `--model` names for OpenAI's weights
 GPT2_124M_HELLASWAG = 0.2955  # completion-style acc_norm, full val split (build-nanogpt / llm.c)
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per GPU, for MFU
+# Dense bf16 peak per GPU, for MFU, by what torch.cuda.get_device_name says: the first match counts, so the
+# H100's PCIe and NVL boards (lower clocks and power) come before the SXM part ("NVIDIA H100 80GB HBM3").
+PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12)]
 
 
 def parse_args(argv=None):
@@ -270,11 +272,13 @@ def generate_samples(model, tokenizer, prompt, seed, n=2, max_new_tokens=40) -> 
     model.eval()
     inputs = tokenizer([prompt] * n, return_tensors="pt").to(model.device)
     max_new_tokens = min(max_new_tokens, model.config.n_positions - inputs["input_ids"].shape[1])  # stay in context
-    generator_state = torch.random.get_rng_state()  # sampling must not shift the training RNG
-    torch.manual_seed(seed)
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=True, top_k=50,
-                         pad_token_id=tokenizer.eos_token_id)  # fmt: skip
-    torch.random.set_rng_state(generator_state)
+    # Sampling must not shift training's random streams (dropout): torch.manual_seed reseeds the CPU and every
+    # CUDA device, so all their states are restored afterwards.
+    cuda_devices = list(range(torch.cuda.device_count())) if model.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices):
+        torch.manual_seed(seed)
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=True, top_k=50,
+                             pad_token_id=tokenizer.eos_token_id)  # fmt: skip
     model.train()
     return tokenizer.batch_decode(out, skip_special_tokens=True)
 
@@ -288,8 +292,11 @@ def model_flops_per_token(config, seq_len) -> float:
 def peak_flops(accelerator):
     if accelerator.device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(accelerator.device)
-    return next((flops for gpu, flops in PEAK_BF16_FLOPS.items() if gpu in name), None)
+    return peak_bf16_flops(torch.cuda.get_device_name(accelerator.device))
+
+
+def peak_bf16_flops(device_name: str) -> float | None:
+    return next((flops for gpu, flops in PEAK_BF16_FLOPS if gpu in device_name), None)
 
 
 # --- checkpoints -----------------------------------------------------------------------------------

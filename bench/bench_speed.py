@@ -221,13 +221,13 @@ def gpu_runners(shape, batch_size, compiled, steps) -> dict:
 def bench_gpu(args) -> dict:
     """GPT-2 124M, T=1024, bf16 autocast, fused AdamW, eager and torch.compile, the largest micro-batch
     of args.gpu_batches that fits. MFU against the GPU's dense bf16 peak (H100 SXM: 989 TFLOP/s)."""
-    from train_accelerate import PEAK_BF16_FLOPS, model_flops_per_token
+    from train_accelerate import model_flops_per_token, peak_bf16_flops
 
     if not torch.cuda.is_available():
         print("\n4. GPU: no CUDA device here; skipped")
         return {"skipped": "no CUDA device"}
     name = torch.cuda.get_device_name()
-    peak = next((f for gpu, f in PEAK_BF16_FLOPS.items() if gpu in name), None)
+    peak = peak_bf16_flops(name)
     shape = SHAPES["gpt2_124M"]
     flops_per_token = model_flops_per_token(MiniGPTConfig(**shape), 1024)
     results = {"device": name, "peak_flops": peak}

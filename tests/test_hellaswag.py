@@ -234,3 +234,18 @@ def test_command_line_errors_are_one_line(gpt2_pair, gpt2_data, gpt2_tokenizer, 
         assert result.returncode in (1, 2), result.stderr[-2000:]
         assert re.search(message, result.stderr) and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "r.json").exists()
+
+
+def test_evaluation_builds_no_kv_cache(gpt2_tokenizer, handmade_hellaswag, data_dir):
+    """In eval mode a causal LM builds a KV cache unless told not to: ~2.4 GiB at 64 x 1024 for GPT-2 124M
+    that neither scoring nor the val loss ever reads."""
+    hellaswag_model = opinionated_model(gpt2_tokenizer)
+    vocab = json.loads((data_dir / "meta.json").read_text())["vocab_size"]
+    val_model = MiniGPTForCausalLM(MiniGPTConfig(n_layer=1, n_head=2, n_embd=32, n_positions=64, vocab_size=vocab,
+                                                 bos_token_id=vocab - 1, eos_token_id=vocab - 1))  # fmt: skip
+    with_cache = []
+    for model in (hellaswag_model, val_model):
+        model.register_forward_hook(lambda module, args, output: with_cache.append("cache" in output or "past_key_values" in output))
+    eval_hellaswag.evaluate_hellaswag(hellaswag_model, gpt2_tokenizer, eval_hellaswag.load_examples(str(handmade_hellaswag)))
+    eval_hellaswag.val_loss(val_model, data_dir, batch_size=2, seq_len=32, batches=2)
+    assert len(with_cache) >= 3 and not any(with_cache)

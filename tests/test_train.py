@@ -382,3 +382,58 @@ def test_muon_trains_under_compile_and_bf16_autocast(data_dir, tmp_path):
         runs[name] = losses(tmp_path / name)[0]
     assert all(math.isfinite(loss) for loss in runs["compiled"]) and runs["compiled"][-1] < runs["compiled"][0]
     torch.testing.assert_close(runs["compiled"], runs["eager"], rtol=2e-2, atol=0)  # bf16: another kernel, other roundings
+
+
+def test_samples_leave_the_training_random_streams_as_they_were(gpt2_tokenizer):
+    """Samples are drawn from a fixed seed, so that they compare across evaluations; dropout's stream goes on
+    afterwards as if none had been drawn. (On CUDA the same restore covers every device's generator.)"""
+    from configuration_minigpt import MiniGPTConfig
+    from modeling_minigpt import MiniGPTForCausalLM
+    from train_accelerate import generate_samples
+
+    eot = gpt2_tokenizer.eos_token_id
+    model = MiniGPTForCausalLM(MiniGPTConfig(n_layer=1, n_head=2, n_embd=32, n_positions=64, vocab_size=len(gpt2_tokenizer),
+                                             bos_token_id=eot, eos_token_id=eot)).train()  # fmt: skip
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    first = generate_samples(model, gpt2_tokenizer, "The", seed=7, max_new_tokens=8)
+    assert torch.equal(torch.rand(4), expected)
+    assert generate_samples(model, gpt2_tokenizer, "The", seed=7, max_new_tokens=8) == first  # the fixed seed
+    assert model.training
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+                                        ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-40GB", 312e12), ("NVIDIA A100-PCIE-40GB", 312e12),
+                                        ("Tesla T4", None)])  # fmt: skip
+def test_mfu_peak_by_device_name(name, peak):
+    """NVIDIA's datasheets, dense bf16: the H100's PCIe and NVL boards run below the SXM part's 989 TFLOP/s."""
+    from train_accelerate import peak_bf16_flops
+
+    assert peak_bf16_flops(name) == peak
+
+
+def test_the_cuda_optimizer_branch_fused_adamw_steps_like_the_default():
+    """On CUDA the optimizers are built with AdamW(fused=True), which torch also runs on CPU: that branch,
+    taken here, must step the weights as the default (foreach) implementation does."""
+    from configuration_minigpt import MiniGPTConfig
+    from modeling_minigpt import MiniGPTForCausalLM
+    from train_accelerate import configure_optimizers, parse_args
+
+    args = parse_args(["--weight_decay", "0.1"])
+    weights = []
+    for device_type in ("cuda", "cpu"):
+        torch.manual_seed(0)
+        model = MiniGPTForCausalLM(MiniGPTConfig(n_layer=2, n_head=2, n_embd=32, n_positions=32, vocab_size=64,
+                                                 bos_token_id=63, eos_token_id=63)).train()  # fmt: skip
+        (adamw,) = configure_optimizers(model, args, device_type)
+        assert adamw.defaults["fused"] == (device_type == "cuda")
+        for step in range(5):
+            x = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(step))
+            model(x, labels=x).loss.backward()
+            adamw.step()
+            adamw.zero_grad()
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    # The kernels round differently where a gradient is near zero (Adam divides by its root mean square):
+    # 1.7e-6 measured, against updates of ~1e-3 a step.
+    torch.testing.assert_close(weights[0], weights[1], rtol=1e-5, atol=1e-5)
