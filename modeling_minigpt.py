@@ -297,12 +297,17 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, vocab_size: int, divisor, chunk_rows: int):
+        # The matmuls run in autocast's dtype (bf16) when it is on. The head is cast once, not in every chunk;
+        # the weight-gradient update is a product then a sum, because autocast leaves in-place ops
+        # (`addmm_`) in fp32, which on a GPU is TF32 at half bf16's speed.
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        head = weight[:vocab_size].to(dtype)
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32)  # summed over the chunks in fp32
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        head = weight[:vocab_size]
         for start in range(0, hidden.shape[0], chunk_rows):
-            h, t = hidden[start : start + chunk_rows], targets[start : start + chunk_rows]
+            h, t = hidden[start : start + chunk_rows].to(dtype), targets[start : start + chunk_rows]
             scored = (t != -100).unsqueeze(1).float()
             t = t.clamp(min=0).unsqueeze(1)
             logits = (h @ head.t()).float()
@@ -312,9 +317,12 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
             row_sum = probs.sum(dim=1, keepdim=True)
             total += ((row_max + row_sum.log() - target_logits) * scored).sum()
             grad_logits = probs.mul_(scored / (row_sum * divisor))  # softmax / divisor, unscored rows zero
-            grad_logits.scatter_add_(1, t, -scored / divisor)
-            grad_hidden[start : start + chunk_rows] = grad_logits.to(weight.dtype) @ head
-            grad_weight[:vocab_size].addmm_(grad_logits.t(), h.float())
+            grad_logits = grad_logits.scatter_add_(1, t, -scored / divisor).to(dtype)
+            grad_hidden[start : start + chunk_rows] = grad_logits @ head
+            if dtype == torch.float32:
+                grad_weight[:vocab_size].addmm_(grad_logits.t(), h)
+            else:
+                grad_weight[:vocab_size] += grad_logits.t() @ h
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         return total / divisor
 
@@ -324,6 +332,7 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
         return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None, None
 
 
+@torch.compiler.disable  # compiled, the chunk loop would unroll; the compiler gets the trunk, this stays eager
 def chunked_lm_head_loss(
     hidden, weight, vocab_size, labels=None, shift_labels=None, num_items_in_batch=None, chunk_logits=None
 ):
@@ -382,8 +391,8 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
         every argument with "label" in its name as a label column. `logits_to_keep`: an int keeps the last
         that many positions (0 keeps all; generate asks for 1), a tensor selects positions. Training with a
         loss (train mode, gradients on, eager) returns no logits: the loss then comes from
-        `chunked_lm_head_loss`, which never holds all of them. The KV cache comes as `cache` (transformers
-        >= 5.24) or `past_key_values` (before)."""
+        `chunked_lm_head_loss`, which never holds all of them (compiled too: the compiler takes the trunk and
+        the loss runs eagerly). The KV cache comes as `cache` (transformers >= 5.24) or `past_key_values`."""
         shift_labels = kwargs.get("shift_labels")
         wants_loss = labels is not None or shift_labels is not None
         outputs = self.transformer(
@@ -400,9 +409,8 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
         hidden_states = outputs.last_hidden_state
         vocab_size = self.config.vocab_size
         loss, logits = None, None
-        # Compiled, the plain path below is left to the compiler to fuse: tracing would unroll the chunk loop.
-        chunked = self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        if wants_loss and chunked and self._head_is_plain():
+        training = wants_loss and self.training and torch.is_grad_enabled()
+        if training and self._head_is_plain():
             loss = chunked_lm_head_loss(hidden_states, self.lm_head.weight, vocab_size, labels, shift_labels,
                                         num_items_in_batch)  # fmt: skip
         else:
@@ -417,7 +425,9 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
                 loss = causal_lm_loss(logits, labels, shift_labels, num_items_in_batch)
                 if logits_to_keep:
                     logits = logits[:, -logits_to_keep:] if isinstance(logits_to_keep, int) else logits[:, logits_to_keep]
-            logits = logits[..., :vocab_size]
+            # Training needs only the loss: returned, the (B, T, V) logits would stay alive, and accelerate's
+            # mixed precision would copy them to fp32 (12.3 GiB at GPT-2 124M, 64 x 1024).
+            logits = None if training else logits[..., :vocab_size]
         output = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,

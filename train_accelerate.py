@@ -32,6 +32,7 @@ from checkpoints import (check_shared_filesystem, checkpoint_candidates, load_ch
                          save_checkpoint, save_tied_head_once)  # fmt: skip
 from configuration_minigpt import PRESETS, MiniGPTConfig
 from eval_hellaswag import evaluate_hellaswag, load_examples, val_loss
+from memory_estimate import MARGIN, GiB, estimate_peak_bytes, largest_micro_batch
 from export_gpt2 import export_gpt2
 from modeling_minigpt import MiniGPTForCausalLM
 from token_shards import ShardedTokens, ShardError, read_meta, tokenizer_sha256, verify_shards, write_atomically
@@ -53,7 +54,12 @@ def parse_args(argv=None):
     p.add_argument("--pad_vocab_size_multiple", type=int, default=64, help="for new models: 50257 -> 50304")
     p.add_argument("--output_dir", default="runs/minigpt")
     p.add_argument("--seq_len", type=int, default=None, help="tokens per window (default: the model's context)")
-    p.add_argument("--per_device_train_batch_size", type=int, default=16)
+    p.add_argument("--per_device_train_batch_size", type=micro_batch, default=16,
+                   help="windows per process per micro-step, or auto: the largest whose estimated peak memory fits "
+                        "the device (memory_estimate.py), the accumulation then derived from --total_batch_size")  # fmt: skip
+    p.add_argument("--device_memory_gib", type=float, default=None,
+                   help="memory the micro-batch must fit, per device (default: the GPU's free memory; on CPU "
+                        "nothing is checked unless this is given)")  # fmt: skip
     p.add_argument("--total_batch_size", type=int, default=None,
                    help="tokens per optimizer step (524288 for the 124M recipe); sets the accumulation")  # fmt: skip
     p.add_argument("--gradient_accumulation_steps", type=int, default=1, help="used when no --total_batch_size")
@@ -91,10 +97,12 @@ def parse_args(argv=None):
     p.add_argument("--push_to_hub", action="store_true")
     p.add_argument("--hub_model_id", default=None)
     args = p.parse_args(attach_negative_values(sys.argv[1:] if argv is None else argv))
-    positive = ["per_device_train_batch_size", "gradient_accumulation_steps", "max_train_steps", "eval_iters",
-                "learning_rate", "max_grad_norm", "checkpoints_total_limit"]  # fmt: skip
+    positive = ["gradient_accumulation_steps", "max_train_steps", "eval_iters", "learning_rate", "max_grad_norm",
+                "checkpoints_total_limit"]  # fmt: skip
     non_negative = ["num_warmup_steps", "eval_steps", "checkpointing_steps", "weight_decay"]
-    optional_positive = ["seq_len", "total_batch_size", "hellaswag_limit", "muon_learning_rate"]
+    optional_positive = ["seq_len", "total_batch_size", "hellaswag_limit", "muon_learning_rate", "device_memory_gib"]
+    if args.per_device_train_batch_size != "auto":
+        positive.append("per_device_train_batch_size")
     problems = [f"--{n} must be positive, got {getattr(args, n)}" for n in positive if not getattr(args, n) > 0]
     problems += [f"--{n} must be >= 0, got {getattr(args, n)}" for n in non_negative if not getattr(args, n) >= 0]
     problems += [f"--{n} must be positive, got {getattr(args, n)}" for n in optional_positive
@@ -110,6 +118,15 @@ def parse_args(argv=None):
     args.output_dir = Path(args.output_dir)
     args.muon_learning_rate = args.muon_learning_rate or args.learning_rate
     return args
+
+
+def micro_batch(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number of windows or auto, got {text!r}") from None
 
 
 def attach_negative_values(argv: list[str]) -> list[str]:
@@ -185,6 +202,43 @@ def accumulation_steps(args, world_size, seq_len) -> int:
             f"{args.per_device_train_batch_size} x seq_len {seq_len} x {world_size} processes = {tokens_per_micro_step}"
         )
     return args.total_batch_size // tokens_per_micro_step
+
+
+def fit_micro_batch(args, config, seq_len, accelerator) -> int:
+    """The micro-batch to train with. `auto`: the largest whose estimated peak (memory_estimate.py) fits the
+    device with MARGIN to spare, and that divides the windows of `--total_batch_size`. An explicit one whose
+    estimate does not fit is refused, naming the largest that does. Unchecked where the device's memory is
+    unknown (CPU without --device_memory_gib)."""
+    free = args.device_memory_gib * GiB if args.device_memory_gib else None
+    if free is None and accelerator.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(accelerator.device)
+    if free is None:
+        if args.per_device_train_batch_size == "auto":
+            raise ValueError("--per_device_train_batch_size auto needs the device's memory: on CPU pass --device_memory_gib")
+        return args.per_device_train_batch_size
+    budget = (1 - MARGIN) * free
+    world = accelerator.num_processes
+    strategy = {DistributedType.FSDP: "fsdp", DistributedType.NO: "single"}.get(accelerator.distributed_type, "ddp")
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+    where = f"{free / GiB:.1f} GiB free less {MARGIN:.0%}, {strategy} over {world}, {'compiled' if args.compile else 'eager'}"
+    if args.per_device_train_batch_size != "auto":
+        peak = estimate_peak_bytes(config, args.per_device_train_batch_size, seq_len, args.compile, strategy, world, autocast)
+        if peak > budget:
+            largest, _ = largest_micro_batch(config, seq_len, budget, args.compile, strategy, world, autocast)
+            raise ValueError(f"--per_device_train_batch_size {args.per_device_train_batch_size} needs an estimated "
+                             f"{peak / GiB:.1f} GiB a device, more than fits ({where}): the largest that fits is "
+                             f"{largest} (or pass auto)")  # fmt: skip
+        return args.per_device_train_batch_size
+    largest, peak = largest_micro_batch(config, seq_len, budget, args.compile, strategy, world, autocast)
+    if args.total_batch_size is not None and args.total_batch_size % (seq_len * world) == 0:
+        windows = args.total_batch_size // (seq_len * world)  # per process per optimizer step
+        largest = max((b for b in range(1, min(largest, windows) + 1) if windows % b == 0), default=0)
+        peak = estimate_peak_bytes(config, largest, seq_len, args.compile, strategy, world, autocast) if largest else peak
+    if largest == 0:
+        raise ValueError(f"not even one window of {seq_len} tokens fits ({where}; it needs an estimated "
+                         f"{peak / GiB:.1f} GiB): shard the model (FSDP), or shorten --seq_len")  # fmt: skip
+    accelerator.print(f"micro-batch auto: {largest} windows, an estimated {peak / GiB:.1f} GiB a device ({where})")
+    return largest
 
 
 MUON_MATRICES = ("c_attn.weight", "c_proj.weight", "c_fc.weight")  # the blocks' matmuls
@@ -496,6 +550,7 @@ def main(argv=None):
     seq_len = args.seq_len or model.config.n_positions
     if seq_len > model.config.n_positions:
         raise ValueError(f"--seq_len {seq_len} exceeds the model's context n_positions={model.config.n_positions}")
+    args.per_device_train_batch_size = fit_micro_batch(args, model.config, seq_len, accelerator)
     accelerator.gradient_accumulation_steps = accumulation_steps(args, accelerator.num_processes, seq_len)
     batches = ShardedTokens(args.data_dir, "train", args.per_device_train_batch_size, seq_len,
                             accelerator.process_index, accelerator.num_processes, seed=args.seed)  # fmt: skip

@@ -62,10 +62,10 @@ def run_script(command, cwd=None, **extra_env) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=cwd, env=script_env(**extra_env), capture_output=True, text=True, timeout=600)
 
 
-def two_cpu_processes(script: str, port: int) -> list[str]:
+def two_cpu_processes(script: str, port: int, mixed_precision: str = "no") -> list[str]:
     """`accelerate launch` of real 2-process DDP (gloo on CPU); run it with ACCELERATE_USE_CPU=true."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--num_machines", "1", "--mixed_precision", mixed_precision, "--dynamo_backend", "no",
             "--main_process_port", str(port), str(REPO / script)]  # fmt: skip
 
 

@@ -249,3 +249,22 @@ def test_evaluation_builds_no_kv_cache(gpt2_tokenizer, handmade_hellaswag, data_
     eval_hellaswag.evaluate_hellaswag(hellaswag_model, gpt2_tokenizer, eval_hellaswag.load_examples(str(handmade_hellaswag)))
     eval_hellaswag.val_loss(val_model, data_dir, batch_size=2, seq_len=32, batches=2)
     assert len(with_cache) >= 3 and not any(with_cache)
+
+
+def test_bfloat16_evaluation_scores_like_float32(gpt2_tokenizer, handmade_hellaswag, tmp_path):
+    """`--dtype bfloat16`, the default on a GPU, run here on CPU: the same log-likelihoods to bf16's precision."""
+    model = saved(opinionated_model(gpt2_tokenizer), gpt2_tokenizer, tmp_path / "model")
+    reports = {}
+    for dtype in ("float32", "bfloat16"):
+        eval_hellaswag.main(["--model", model, "--hellaswag", str(handmade_hellaswag), "--dtype", dtype,
+                             "--output", str(tmp_path / f"{dtype}.json")])  # fmt: skip
+        reports[dtype] = json.loads((tmp_path / f"{dtype}.json").read_text())
+    assert reports["bfloat16"]["dtype"] == "bfloat16"
+    for convention in ("completion", "harness"):
+        ours, reference = reports["bfloat16"]["results"][0][convention], reports["float32"]["results"][0][convention]
+        assert ours == reference  # the choices (endings' log-likelihoods differ by several nats here)
+    examples = eval_hellaswag.load_examples(str(handmade_hellaswag))
+    fp32, bf16 = (eval_hellaswag.evaluate_hellaswag(opinionated_model(gpt2_tokenizer).to(dtype), gpt2_tokenizer, examples)
+                  for dtype in (torch.float32, torch.bfloat16))  # fmt: skip
+    for a, b in zip(fp32["scored"], bf16["scored"]):
+        torch.testing.assert_close(b["completion"]["loglikelihoods"], a["completion"]["loglikelihoods"], rtol=3e-2, atol=0.1)

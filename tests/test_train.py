@@ -437,3 +437,27 @@ def test_the_cuda_optimizer_branch_fused_adamw_steps_like_the_default():
     # The kernels round differently where a gradient is near zero (Adam divides by its root mean square):
     # 1.7e-6 measured, against updates of ~1e-3 a step.
     torch.testing.assert_close(weights[0], weights[1], rtol=1e-5, atol=1e-5)
+
+
+def test_two_process_ddp_with_bf16_accumulation_and_compile_compiles_once(data_dir, tmp_path):
+    """The GPU recipe's path, on gloo: bf16 autocast, accumulation, --compile, two evaluations with samples
+    and two checkpoints. dynamo logs every recompile (TORCH_LOGS=recompiles): there must be none, and the
+    losses follow an eager single process with twice the accumulation within bf16's noise."""
+    common = [*TINY_RUN, "--data_dir", str(data_dir), "--max_train_steps", "6", "--eval_steps", "3", "--checkpointing_steps", "3"]
+    compiled = run_script([*two_cpu_processes("train_accelerate.py", 29561, mixed_precision="bf16"), *common, "--compile",
+                           "--gradient_accumulation_steps", "2", "--output_dir", str(tmp_path / "compiled")],
+                          tmp_path, ACCELERATE_USE_CPU="true", TORCH_LOGS="recompiles,graph_breaks")  # fmt: skip
+    assert compiled.returncode == 0, compiled.stderr[-3000:]
+    output = compiled.stdout + compiled.stderr
+    assert "bf16 | torch" in output and "2 processes x 2 accumulation" in output  # accelerate engaged bf16
+    assert "chunked_lm_head_loss" in compiled.stderr  # dynamo ran, and met the loss it leaves eager
+    assert "Recompiling" not in compiled.stderr, compiled.stderr[-3000:]
+    assert output.count("  > 'def") == 4  # two evaluations' samples
+    eager = run_script([*TRAIN, *common, "--gradient_accumulation_steps", "4", "--output_dir", str(tmp_path / "eager")],
+                       tmp_path, ACCELERATE_MIXED_PRECISION="bf16")  # fmt: skip
+    assert eager.returncode == 0, eager.stderr[-3000:]
+    assert "cpu bf16 | torch" in eager.stdout + eager.stderr
+    rows = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()] for name in ("compiled", "eager")}
+    for key in ("loss", "val_loss"):
+        mine, reference = ([r[key] for r in rows[name] if key in r] for name in ("compiled", "eager"))
+        torch.testing.assert_close(mine, reference, rtol=2e-2, atol=0)
