@@ -16,6 +16,9 @@ optimizer state, activations, temporaries. Then, per process:
 largest micro-batch that fits the device with `MARGIN` to spare.
 """
 
+import functools
+import json
+
 import torch
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
@@ -42,10 +45,8 @@ def step_memory(config, batch_size, seq_len, compiled=False, autocast=torch.bflo
     """One process's step on one device: MemTracker's peak by kind, its "Total", and with `compiled` the
     "compiled_change" of the activations saved for backward. Feeds `per_process` for every strategy."""
     memory = tracked_peak(config, batch_size, seq_len, autocast)
-    if compiled:
-        eager, fused = (saved_for_backward(config, batch_size, seq_len, autocast, partition)
-                        for partition in (default_partition, min_cut_rematerialization_partition))  # fmt: skip
-        memory["compiled_change"] = fused - eager
+    if compiled:  # what is saved for backward grows with the batch, window for window: traced at one window
+        memory["compiled_change"] = batch_size * compiled_change_per_window(config.to_json_string(), seq_len, autocast)
     memory["gathered_parameters"] = gathered_parameters(config)
     return memory
 
@@ -80,6 +81,14 @@ def tracked_peak(config, batch_size, seq_len, autocast) -> dict[str, int]:
                 tracker.reset_mod_stats()
         (peak,) = tracker.get_tracker_snapshot("peak").values()
     return {str(kind.value if hasattr(kind, "value") else kind): size for kind, size in peak.items()}
+
+
+@functools.cache
+def compiled_change_per_window(config_json: str, seq_len: int, autocast) -> int:
+    config = MiniGPTConfig(**json.loads(config_json))
+    eager, fused = (saved_for_backward(config, 1, seq_len, autocast, partition)
+                    for partition in (default_partition, min_cut_rematerialization_partition))  # fmt: skip
+    return fused - eager
 
 
 def saved_for_backward(config, batch_size, seq_len, autocast, partition) -> int:

@@ -461,3 +461,22 @@ def test_two_process_ddp_with_bf16_accumulation_and_compile_compiles_once(data_d
     for key in ("loss", "val_loss"):
         mine, reference = ([r[key] for r in rows[name] if key in r] for name in ("compiled", "eager"))
         torch.testing.assert_close(mine, reference, rtol=2e-2, atol=0)
+
+
+def test_fsdp2_under_bf16_trains_like_ddp_under_bf16(data_dir, tmp_path):
+    """The FSDP config's own mixed precision (bf16), on 2 gloo processes through the FSDP shim, against DDP
+    under bf16: the same losses within bf16's noise (FSDP2 casts the parameters; DDP runs autocast)."""
+    fsdp = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs" / "fsdp_8xa100.yaml"),
+            "--num_processes", "2", "--main_process_port", "29591", str(REPO / "tests" / "scripts" / "fsdp_on_cpu.py")]  # fmt: skip
+    common = [*TINY_RUN, "--data_dir", str(data_dir), "--max_train_steps", "4", "--eval_steps", "2", "--checkpointing_steps", "4"]
+    sharded = run_script([*fsdp, *common, "--output_dir", str(tmp_path / "fsdp")], tmp_path, ACCELERATE_USE_CPU="true")
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    assert "bf16 | torch" in sharded.stdout + sharded.stderr  # the config's mixed precision, engaged
+    assert (tmp_path / "fsdp" / "checkpoints" / "step_4" / "pytorch_model_fsdp_0").is_dir()  # and FSDP's own checkpoint
+    ddp = run_script([*two_cpu_processes("train_accelerate.py", 29592, mixed_precision="bf16"), *common,
+                      "--output_dir", str(tmp_path / "ddp")], tmp_path, ACCELERATE_USE_CPU="true")  # fmt: skip
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    rows = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()] for name in ("fsdp", "ddp")}
+    for key in ("loss", "val_loss"):
+        mine, reference = ([r[key] for r in rows[name] if key in r] for name in ("fsdp", "ddp"))
+        torch.testing.assert_close(mine, reference, rtol=3e-2, atol=0)
