@@ -27,13 +27,21 @@ from report import write_report  # noqa: E402
 PRESETS = ("124M", "350M", "774M", "1558M")
 CARDS = {"A100 40GB": 40e9, "80 GB (A100/H100)": 80e9}
 
-# A real step on this CPU, in a fresh process: the rise of peak RSS over the RSS after the imports.
+# A real step on this CPU, in a fresh process: the rise of its resident memory's high-water mark over the
+# RSS after the imports. (Not ru_maxrss: a child inherits its parent's across fork and exec, so under a large
+# parent, pytest, the rise read 0.) Writing 5 to clear_refs restarts the mark at the current RSS.
 MEASURE = """
-import resource, sys, torch
+import sys, torch
 sys.path.insert(0, {repo!r})
 from configuration_minigpt import MiniGPTConfig
 from modeling_minigpt import MiniGPTForCausalLM
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+def status(field):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field + ":"))
+
+with open("/proc/self/clear_refs", "w") as marks:
+    marks.write("5")
+before = status("VmRSS")
 model = MiniGPTForCausalLM(MiniGPTConfig(**{config!r})).train()
 optimizer = torch.optim.AdamW(model.parameters(), fused=True)
 windows = torch.randint(0, {vocab}, ({batch}, {seq_len} + 1))
@@ -41,7 +49,7 @@ for _ in range(2):
     model(input_ids=windows[:, :-1], shift_labels=windows[:, 1:]).loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+print((status("VmHWM") - before) * 1024)
 """
 CHECKS = [  # (config, batch, seq_len): big enough that the allocator's own overhead is small
     (dict(n_layer=4, n_head=4, n_embd=256, n_positions=256, vocab_size=8192, bos_token_id=0, eos_token_id=0), 16, 256),

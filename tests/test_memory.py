@@ -14,8 +14,8 @@ sys.path.insert(0, str(REPO / "bench"))
 
 
 def test_the_estimate_is_close_to_a_peak_measured_on_this_cpu():
-    """A real fp32 step in a fresh process (the rise of its peak RSS, which also counts the C allocator's
-    overhead) against the estimate of the same step on fake tensors: 0.85-0.89x at three sizes (README)."""
+    """A real fp32 step in a fresh process (the rise of its RSS high-water mark, which also counts the C
+    allocator's overhead) against the estimate of the same step on fake tensors: 0.83-0.89x at three sizes."""
     import bench_memory
 
     row = bench_memory.measured_and_estimated(*bench_memory.CHECKS[0])
