@@ -19,9 +19,12 @@ from pathlib import Path
 
 from accelerate.utils import broadcast_object_list, gather_object, load
 
+from atomic_writes import put_in_place, staging_dir, write_atomically
+
 LATEST = "latest"  # file naming the newest complete checkpoint
 KEPT = "kept.json"  # the checkpoints kept, oldest first
 STATE_FILE = "training_state.json"
+ARGS_FILE = "training_args.json"
 LOCK_FILE = ".lock"
 
 
@@ -84,28 +87,26 @@ def save_checkpoint(accelerator, config, args, step: int, data_state: dict) -> N
     """`save_state` into `step_N.tmp`, our state beside it, renamed when complete; `latest` then names
     it, and only the last `--checkpoints_total_limit` are kept."""
     root = checkpoint_root(args.output_dir)
-    final, temporary = root / f"step_{step}", root / f"step_{step}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(temporary, ignore_errors=True)
+    final = root / f"step_{step}"
+    temporary = staging_dir(final, clear=accelerator.is_main_process)
     accelerator.wait_for_everyone()
     accelerator.save_state(temporary)
     accelerator.wait_for_everyone()  # save_state returns on each process when its own files are written
     if accelerator.is_main_process:
         config.to_json_file(temporary / "config.json")
-        (temporary / "training_args.json").write_text(json.dumps(vars(args), default=str, indent=1))
+        (temporary / ARGS_FILE).write_text(json.dumps(vars(args), default=str, indent=1))
         (temporary / STATE_FILE).write_text(json.dumps({"step": step, "data": data_state}))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(temporary, final)
-        pointer = root / (LATEST + ".tmp")
-        pointer.write_text(final.name)
-        os.replace(pointer, root / LATEST)
+        put_in_place(temporary, final)
+        write_text_atomically(root / LATEST, final.name)
         kept = [name for name in read_kept(root) if name != final.name] + [final.name]
         for old in kept[: -args.checkpoints_total_limit]:
             shutil.rmtree(root / old, ignore_errors=True)
-        pointer = root / (KEPT + ".tmp")
-        pointer.write_text(json.dumps(kept[-args.checkpoints_total_limit :]))
-        os.replace(pointer, root / KEPT)
+        write_text_atomically(root / KEPT, json.dumps(kept[-args.checkpoints_total_limit :]))
     accelerator.wait_for_everyone()
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    write_atomically(path, lambda file: file.write(text.encode()))
 
 
 def read_kept(root: Path) -> list[str]:
@@ -155,3 +156,17 @@ def load_checkpoint(accelerator, candidates: list[Path]) -> tuple[Path, dict]:
         if checkpoint != candidates[-1]:
             accelerator.print(f"warning: {errors[0]}; falling back to an older checkpoint")
     raise ValueError("; ".join(problems))
+
+
+def check_same_model(checkpoint: Path, config, optimizer: str) -> None:
+    """A checkpoint resumes only into the model shape and optimizer it was saved with."""
+    arguments = checkpoint / ARGS_FILE
+    saved_optimizer = json.loads(arguments.read_text()).get("optimizer", "adamw") if arguments.exists() else "adamw"
+    if saved_optimizer != optimizer:
+        raise ValueError(f"cannot resume {checkpoint}, trained with --optimizer {saved_optimizer}, with --optimizer {optimizer}")
+    saved = type(config).from_json_file(checkpoint / "config.json")  # the defaults filled in, as at save
+    fields = ["vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "pad_vocab_size_multiple"]
+    differing = [f"{f}: checkpoint {getattr(saved, f)}, now {getattr(config, f)}" for f in fields
+                 if getattr(saved, f) != getattr(config, f)]  # fmt: skip
+    if differing:
+        raise ValueError(f"cannot resume {checkpoint} into a different model ({'; '.join(differing)})")

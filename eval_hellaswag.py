@@ -32,7 +32,8 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import modeling_minigpt  # noqa: F401  registers MiniGPT with the Auto classes: training checkpoints hold no code
-from token_shards import ShardedTokens, ShardError, read_meta, tokenizer_sha256, write_atomically
+from atomic_writes import write_atomically
+from validation import check_same_tokenizer, check_seq_len, check_val_windows, device_of, padded_share, val_loss
 
 HUB_DATASET = "Rowan/hellaswag"
 CONVENTIONS = ("completion", "harness")
@@ -179,10 +180,6 @@ def loglikelihoods(model, pairs, max_length: int) -> list[float]:
     return [piece.sum().item() for piece in token_logprobs.split(scored.sum(1).tolist())]
 
 
-def device_of(model) -> torch.device:
-    return next(model.parameters()).device  # also for DDP-wrapped and compiled models, which lack `.device`
-
-
 def first_argmax(values) -> int:
     return max(range(len(values)), key=values.__getitem__)
 
@@ -217,14 +214,6 @@ def check_fits(example: Example, pairs, max_length: int):
                                      f"the model's window is {max_length}")  # fmt: skip
 
 
-def padded_share(items: list, rank: int, world: int) -> list[tuple]:
-    """This process's round-robin share of `items` as (item, counted) pairs, padded to the same length on
-    every process by repeating the last item uncounted. With sharded parameters (FSDP) every forward is a
-    collective that all processes must join, so they must all run the same number of forwards."""
-    mine = [(item, True) for item in items[rank::world]]
-    return mine + [(items[-1], False)] * (-(-len(items) // world) - len(mine))
-
-
 def evaluate_hellaswag(model, tokenizer, examples, accelerator=None, batch_size=4, show_progress=True) -> dict:
     """Both conventions on `examples`. `batch_size` examples (each ending in both conventions) make one
     forward pass, grouped by length to save padding. Batches go to processes round-robin and are the
@@ -256,35 +245,6 @@ def evaluate_hellaswag(model, tokenizer, examples, accelerator=None, batch_size=
         scored = gather_object(scored)
     scored.sort(key=lambda s: s["index"])
     return {**metrics(scored), "scored": scored}
-
-
-# --- val loss --------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def val_loss(model, data_dir, batch_size, seq_len, batches, accelerator=None) -> float:
-    """Mean next-token loss over the first `batches` val batches of prepare_data.py shards: the same
-    windows every time and whatever the process count (batch i is computed by process i % N)."""
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    reader = ShardedTokens(data_dir, "val", batch_size, seq_len, 0, 1, shuffle=False)
-    device = device_of(model)
-    was_training = model.training
-    model.eval()
-    losses = torch.zeros(batches, device=device)
-    position = 0
-    for i, counted in padded_share([*range(batches)], rank, world):  # uncounted: the last batch, to join in
-        while position <= i:  # read on to batch i (a memmap: cheap), so every process walks the same windows
-            window, position = next(reader), position + 1
-        window = window.to(device)
-        logits = model(input_ids=window[:, :-1], use_cache=False).logits  # a cache would be ~2.4 GiB at 64 x 1024
-        if counted:
-            # A row at a time in fp32: a whole (B, T, vocab) fp32 copy would be gigabytes at GPT-2 scale.
-            total = sum(F.cross_entropy(row.float(), target, reduction="sum") for row, target in zip(logits, window[:, 1:]))
-            losses[i] = total / window[:, 1:].numel()
-    model.train(was_training)
-    if world > 1:
-        losses = accelerator.reduce(losses, reduction="sum")  # each batch is nonzero on one process only
-    return losses.mean().item()
 
 
 # --- models ----------------------------------------------------------------------------------------
@@ -324,11 +284,6 @@ def load(model_path: str, tokenizer_path: str | None, device, dtype):
     if len(tokenizer) > vocab:
         raise HellaSwagError(f"{model_path}: its tokenizer has {len(tokenizer)} tokens, the model only {vocab}")
     return model.to(device), tokenizer
-
-
-def check_data_tokenizer(model_path, tokenizer, data_dir):
-    if tokenizer_sha256(tokenizer) != read_meta(data_dir)["tokenizer_sha256"]:
-        raise HellaSwagError(f"{data_dir} was tokenized with another tokenizer than {model_path}'s: its val loss would mean nothing")
 
 
 # --- command line ----------------------------------------------------------------------------------
@@ -380,14 +335,11 @@ def main(argv=None):
     for model_path in args.model:
         model, tokenizer = load(model_path, args.tokenizer, accelerator.device, dtype)
         seq_len = args.seq_len or context_length(model, tokenizer)
-        if seq_len > context_length(model, tokenizer):
-            raise HellaSwagError(f"--seq_len {seq_len} exceeds {model_path}'s context of {context_length(model, tokenizer)}")
+        check_seq_len(seq_len, context_length(model, tokenizer), model_path)
         if args.data_dir:
-            check_data_tokenizer(model_path, tokenizer, args.data_dir)
-            val = ShardedTokens(args.data_dir, "val", args.val_batch_size, seq_len, shuffle=False)
-            if args.val_batches * args.val_batch_size > sum(val.windows_per_shard):
-                raise HellaSwagError(f"--val_batches {args.val_batches} x --val_batch_size {args.val_batch_size} needs more "
-                                     f"val windows of {seq_len + 1} tokens than {args.data_dir} has ({sum(val.windows_per_shard)})")  # fmt: skip
+            check_same_tokenizer(args.data_dir, tokenizer, model_path)
+            check_val_windows(args.data_dir, args.val_batch_size, seq_len, args.val_batches,
+                              f"--val_batches {args.val_batches} x --val_batch_size {args.val_batch_size}")  # fmt: skip
         accelerator.print(f"{model_path}: {len(examples)} examples on {accelerator.num_processes} process(es), {dtype}")
         scores = evaluate_hellaswag(model, tokenizer, examples, accelerator, args.batch_size)
         result = {"model": model_path, "parameters": model.num_parameters(), "completion": scores["completion"],
@@ -415,5 +367,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (HellaSwagError, ShardError) as error:
+    except ValueError as error:  # HellaSwagError and ShardError among them: bad input, named in one line
         sys.exit(f"eval_hellaswag.py: error: {error}")

@@ -12,14 +12,15 @@ optimizer state, activations, temporaries. Then, per process:
 - FSDP over N processes keeps 1/N of parameters, gradients and optimizer state, and gathers, at a time, the
   root's parameters and two blocks' (the one running and the one prefetched) in bf16, with their gradients.
 
-`bench/bench_memory.py` prints the table; `train_accelerate.py --per_device_train_batch_size auto` picks the
-largest micro-batch that fits the device with `MARGIN` to spare.
+`bench/bench_memory.py` prints the table; `fit_micro_batch` gives `train_accelerate.py` its micro-batch
+(`--per_device_train_batch_size auto`: the largest that fits the device with `MARGIN` to spare).
 """
 
 import functools
 import json
 
 import torch
+from accelerate import DistributedType
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
 from torch._functorch.partitioners import default_partition, min_cut_rematerialization_partition
@@ -154,3 +155,40 @@ def largest_micro_batch(config, seq_len, budget_bytes, compiled=False, strategy=
         upper = too_big if too_big is not None else 2 * fits
         probe = (fits + upper) // 2 if upper - fits > 1 else None
     return (fits, peaks[fits]) if fits else (0, peaks[1])
+
+
+def fit_micro_batch(args, config, seq_len, accelerator) -> int:
+    """The micro-batch to train with. `auto`: the largest whose estimated peak (memory_estimate.py) fits the
+    device with MARGIN to spare, and that divides the windows of `--total_batch_size`. An explicit one whose
+    estimate does not fit is refused, naming the largest that does. Unchecked where the device's memory is
+    unknown (CPU without --device_memory_gib)."""
+    free = args.device_memory_gib * GiB if args.device_memory_gib else None
+    if free is None and accelerator.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(accelerator.device)
+    if free is None:
+        if args.per_device_train_batch_size == "auto":
+            raise ValueError("--per_device_train_batch_size auto needs the device's memory: on CPU pass --device_memory_gib")
+        return args.per_device_train_batch_size
+    budget = (1 - MARGIN) * free
+    world = accelerator.num_processes
+    strategy = {DistributedType.FSDP: "fsdp", DistributedType.NO: "single"}.get(accelerator.distributed_type, "ddp")
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+    where = f"{free / GiB:.1f} GiB free less {MARGIN:.0%}, {strategy} over {world}, {'compiled' if args.compile else 'eager'}"
+    if args.per_device_train_batch_size != "auto":
+        peak = estimate_peak_bytes(config, args.per_device_train_batch_size, seq_len, args.compile, strategy, world, autocast)
+        if peak > budget:
+            largest, _ = largest_micro_batch(config, seq_len, budget, args.compile, strategy, world, autocast)
+            raise ValueError(f"--per_device_train_batch_size {args.per_device_train_batch_size} needs an estimated "
+                             f"{peak / GiB:.1f} GiB a device, more than fits ({where}): the largest that fits is "
+                             f"{largest} (or pass auto)")  # fmt: skip
+        return args.per_device_train_batch_size
+    largest, peak = largest_micro_batch(config, seq_len, budget, args.compile, strategy, world, autocast)
+    if args.total_batch_size is not None and args.total_batch_size % (seq_len * world) == 0:
+        windows = args.total_batch_size // (seq_len * world)  # per process per optimizer step
+        largest = max((b for b in range(1, min(largest, windows) + 1) if windows % b == 0), default=0)
+        peak = estimate_peak_bytes(config, largest, seq_len, args.compile, strategy, world, autocast) if largest else peak
+    if largest == 0:
+        raise ValueError(f"not even one window of {seq_len} tokens fits ({where}; it needs an estimated "
+                         f"{peak / GiB:.1f} GiB): shard the model (FSDP), or shorten --seq_len")  # fmt: skip
+    accelerator.print(f"micro-batch auto: {largest} windows, an estimated {peak / GiB:.1f} GiB a device ({where})")
+    return largest

@@ -4,8 +4,8 @@ Readable blocks in the spirit of nanoGPT (attention, MLP, block, model) inside t
 expects (config class, weight init, tied embeddings, KV cache, generation). Module names are those of
 the OpenAI checkpoint (`wte`, `wpe`, `h`, `c_attn`, `c_proj`, `ln_f`), so its weights map one to one.
 
-This file is Hub "remote code": `save_pretrained` copies it next to the weights, so it imports only
-installed packages and, relatively, `configuration_minigpt`.
+This file is Hub "remote code": `save_pretrained` copies it next to the weights, with the two modules it
+imports relatively (`configuration_minigpt`, `loss_minigpt`); otherwise it imports only installed packages.
 """
 
 import dataclasses
@@ -28,8 +28,10 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 try:  # as Hub remote code (a package) ...
     from .configuration_minigpt import MiniGPTConfig
-except ImportError:  # ... or as a top-level module of this repository's scripts
+    from .loss_minigpt import causal_lm_loss, chunked_lm_head_loss
+except ImportError:  # ... or as top-level modules of this repository's scripts
     from configuration_minigpt import MiniGPTConfig
+    from loss_minigpt import causal_lm_loss, chunked_lm_head_loss
 
 
 class CausalSelfAttention(nn.Module):
@@ -188,11 +190,7 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
         # A static cache (what compiled generation uses) counts its tokens in a tensor and hands attention
         # all of its preallocated slots; a dynamic one counts in Python and hands over exactly past + T keys.
         past_length = cache.get_seq_length() if cache is not None else 0
-        if not torch.is_tensor(past_length) and past_length + T > self.config.n_positions:
-            raise ValueError(
-                f"sequence of {past_length + T} tokens ({past_length} cached + {T} new) is longer than the "
-                f"model's context of n_positions={self.config.n_positions}"
-            )
+        _check_context(cache, past_length, T, self.config.n_positions)
         prepared_mask = attention_mask is not None and attention_mask.dim() == 4  # (B, 1, T, keys): used as is
         padding = None if prepared_mask else attention_mask
         if position_ids is None:
@@ -234,6 +232,19 @@ def one_cache(cache, past_key_values):
     return cache if cache is not None else past_key_values
 
 
+def _check_context(cache, past_length, T, n_positions):
+    """No position past the context, on every path: training, scoring, and each step of generation. A static
+    cache is checked by its slots, at the prompt, since it counts its tokens in a tensor (under compile)."""
+    if cache is not None and cache.is_compileable:
+        slots = cache.get_mask_sizes(T, 0)[0]
+        if slots > n_positions:
+            raise ValueError(f"a static KV cache of {slots} positions is longer than the model's context of "
+                             f"n_positions={n_positions}: ask for at most {n_positions} tokens, prompt included")  # fmt: skip
+    elif past_length + T > n_positions:
+        raise ValueError(f"sequence of {past_length + T} tokens ({past_length} cached + {T} new) is longer than the "
+                         f"model's context of n_positions={n_positions}")  # fmt: skip
+
+
 def _flag(value, default) -> bool:
     """A per-call output option, else the config's (transformers' convention)."""
     return default if value is None else value
@@ -269,88 +280,6 @@ def _causal_mask(attention_mask, past_length, T, key_length, device):
     return (mask & is_real_key) | (key_positions == query_positions)
 
 
-def next_token_targets(labels=None, shift_labels=None):
-    """`labels` are aligned with the inputs and shifted here; `shift_labels` are already the next tokens
-    (training on (T + 1)-token windows predicts all T positions). Shifting the labels instead of the
-    logits avoids copying the (B, T, V) logits."""
-    return shift_labels if shift_labels is not None else F.pad(labels[:, 1:], (0, 1), value=-100)
-
-
-def causal_lm_loss(logits, labels=None, shift_labels=None, num_items_in_batch=None):
-    """Next-token cross-entropy from logits, positions labelled -100 ignored. `num_items_in_batch` (the
-    label count over all accumulated micro-batches) averages over tokens rather than micro-batches, as
-    transformers' Trainer expects."""
-    targets = next_token_targets(labels, shift_labels).to(logits.device)
-    reduction = "mean" if num_items_in_batch is None else "sum"
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction=reduction)
-    return loss if num_items_in_batch is None else loss / num_items_in_batch
-
-
-class ChunkedLMHeadLoss(torch.autograd.Function):
-    """Cross-entropy of `hidden @ weight.T` without keeping vocabulary-sized tensors for backward.
-
-    The usual path keeps the (N, V) logits and their log-softmax, then builds a zero (N, V) gradient and
-    a (N, V) softmax gradient: at GPT-2's vocabulary that is most of the step's memory traffic. Here each
-    chunk of rows computes its logits, its loss and, at once, its gradients with respect to `hidden` and
-    `weight` (the softmax, made in place into `(softmax - onehot) / divisor`). Backward only scales them.
-    `weight` rows past `vocab_size` (padding) take no part: their gradient stays zero."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, vocab_size: int, divisor, chunk_rows: int):
-        # The matmuls run in autocast's dtype (bf16) when it is on. The head is cast once, not in every chunk;
-        # the weight-gradient update is a product then a sum, because autocast leaves in-place ops
-        # (`addmm_`) in fp32, which on a GPU is TF32 at half bf16's speed.
-        device = hidden.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-        head = weight[:vocab_size].to(dtype)
-        grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32)  # summed over the chunks in fp32
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk_rows):
-            h, t = hidden[start : start + chunk_rows].to(dtype), targets[start : start + chunk_rows]
-            scored = (t != -100).unsqueeze(1).float()
-            t = t.clamp(min=0).unsqueeze(1)
-            logits = (h @ head.t()).float()
-            target_logits = logits.gather(1, t)
-            row_max = logits.amax(dim=1, keepdim=True)
-            probs = logits.sub_(row_max).exp_()  # in place: no second (rows, V) tensor
-            row_sum = probs.sum(dim=1, keepdim=True)
-            total += ((row_max + row_sum.log() - target_logits) * scored).sum()
-            grad_logits = probs.mul_(scored / (row_sum * divisor))  # softmax / divisor, unscored rows zero
-            grad_logits = grad_logits.scatter_add_(1, t, -scored / divisor).to(dtype)
-            grad_hidden[start : start + chunk_rows] = grad_logits @ head
-            if dtype == torch.float32:
-                grad_weight[:vocab_size].addmm_(grad_logits.t(), h)
-            else:
-                grad_weight[:vocab_size] += grad_logits.t() @ h
-        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
-        return total / divisor
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None, None
-
-
-@torch.compiler.disable  # compiled, the chunk loop would unroll; the compiler gets the trunk, this stays eager
-def chunked_lm_head_loss(
-    hidden, weight, vocab_size, labels=None, shift_labels=None, num_items_in_batch=None, chunk_logits=None
-):
-    """The loss `causal_lm_loss` computes from `hidden @ weight.T`, without materializing the logits.
-
-    Chunks of about `chunk_logits` logits bound the extra memory. By default a chunk holds as many logits
-    as `hidden` has elements (Liger-Kernel's rule: the loss then needs no more memory than its input), and
-    at least 2^24 (64 MiB in fp32). Large batches thus get chunks of hundreds of rows or more, and each
-    chunk's (vocab, n_embd) weight-gradient update is spread over enough rows to stay compute-bound."""
-    targets = next_token_targets(labels, shift_labels).to(hidden.device).flatten()
-    hidden = hidden.flatten(0, 1)
-    divisor = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
-    if chunk_logits is None:
-        chunk_logits = max(2**24, hidden.numel())
-    chunk_rows = max(1, chunk_logits // weight.shape[0])
-    return ChunkedLMHeadLoss.apply(hidden, weight, targets, vocab_size, divisor, chunk_rows)
-
-
 class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
     """GPT-2 with its language-modelling head (tied to the token embedding)."""
 
@@ -360,7 +289,6 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.transformer = MiniGPTModel(config)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
-        self._head_in_out = None  # (n_embd, vocab) copy of the head while generating on CPU: see generate()
         self.post_init()
 
     def get_output_embeddings(self):
@@ -369,126 +297,35 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
-    def forward(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        position_ids=None,
-        cache=None,
-        inputs_embeds=None,
-        labels=None,
-        use_cache=None,
-        logits_to_keep=0,
-        num_items_in_batch=None,
-        output_attentions=None,
-        output_hidden_states=None,
-        return_dict=None,
-        past_key_values=None,
-        **kwargs,
-    ) -> CausalLMOutputWithPast:
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None, labels=None,
+                use_cache=None, logits_to_keep=0, num_items_in_batch=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, past_key_values=None, **kwargs) -> CausalLMOutputWithPast:  # fmt: skip
         """`labels` are the inputs themselves (shifted inside), or `shift_labels=` (a keyword, as transformers'
         loss functions take it) the next tokens. Only `labels` is named in the signature: the Trainer treats
-        every argument with "label" in its name as a label column. `logits_to_keep`: an int keeps the last
-        that many positions (0 keeps all; generate asks for 1), a tensor selects positions. Training with a
-        loss (train mode, gradients on, eager) returns no logits: the loss then comes from
-        `chunked_lm_head_loss`, which never holds all of them (compiled too: the compiler takes the trunk and
-        the loss runs eagerly). The KV cache comes as `cache` (transformers >= 5.24) or `past_key_values`."""
-        shift_labels = kwargs.get("shift_labels")
-        wants_loss = labels is not None or shift_labels is not None
-        outputs = self.transformer(
-            input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            past_key_values=past_key_values,
-        )
-        hidden_states = outputs.last_hidden_state
-        vocab_size = self.config.vocab_size
-        loss, logits = None, None
-        training = wants_loss and self.training and torch.is_grad_enabled()
-        if training and self._head_is_plain():
-            loss = chunked_lm_head_loss(hidden_states, self.lm_head.weight, vocab_size, labels, shift_labels,
-                                        num_items_in_batch)  # fmt: skip
+        every argument with "label" in its name as a label column. Without labels, `logits_to_keep` keeps the
+        last that many positions (an int; 0 keeps all, generate asks for 1) or selects them (a tensor). The
+        KV cache comes as `cache` (transformers >= 5.24) or `past_key_values`."""
+        outputs = self.transformer(input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache,
+                                   output_attentions, output_hidden_states, return_dict=True,
+                                   past_key_values=past_key_values)  # fmt: skip
+        hidden_states, shift_labels = outputs.last_hidden_state, kwargs.get("shift_labels")
+        training = self.training and torch.is_grad_enabled()
+        loss = logits = None
+        if labels is None and shift_labels is None:  # inference rarely needs every position
+            positions = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden_states[:, positions])[..., : self.config.vocab_size]  # padding dropped
+        elif training and type(self.lm_head) is nn.Linear:  # a wrapped head (PEFT, quantized) must be called
+            loss = chunked_lm_head_loss(hidden_states, self.lm_head.weight, self.config.vocab_size, labels,
+                                        shift_labels, num_items_in_batch)  # fmt: skip
         else:
-            if not wants_loss:  # the loss needs every position; inference rarely does
-                positions = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-                hidden_states = hidden_states[:, positions]
-            logits = self._head(hidden_states)  # (B, T, padded_vocab_size)
-            if logits.shape[-1] > vocab_size:
-                # Padding rows exist only for matmul shapes: -inf keeps them out of softmax, loss and sampling.
-                logits[..., vocab_size:] = float("-inf")
-            if wants_loss:
-                loss = causal_lm_loss(logits, labels, shift_labels, num_items_in_batch)
-                if logits_to_keep:
-                    logits = logits[:, -logits_to_keep:] if isinstance(logits_to_keep, int) else logits[:, logits_to_keep]
+            logits = self.lm_head(hidden_states)[..., : self.config.vocab_size]
+            loss = causal_lm_loss(logits, labels, shift_labels, num_items_in_batch)
             # Training needs only the loss: returned, the (B, T, V) logits would stay alive, and accelerate's
             # mixed precision would copy them to fp32 (12.3 GiB at GPT-2 124M, 64 x 1024).
-            logits = None if training else logits[..., :vocab_size]
-        output = CausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-        )
+            logits = None if training else logits
+        output = CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
+                                        hidden_states=outputs.hidden_states, attentions=outputs.attentions)  # fmt: skip
         return output if _flag(return_dict, self.config.return_dict) else output.to_tuple()
-
-    def _head_is_plain(self) -> bool:
-        """Whether lm_head is a plain Linear. The faster head paths read its weight directly, which would
-        bypass anything wrapping it (a PEFT adapter on lm_head, a quantized layer): those get the module."""
-        return type(self.lm_head) is nn.Linear
-
-    def _head(self, hidden_states):
-        """`hidden_states @ W.T` with W the (padded_vocab, n_embd) head. CPU BLAS (MKL) runs this slowly
-        for the few rows of a decoding step. Measured on 2 cores at GPT-2's vocabulary: one row is 2.3x
-        faster against the (n_embd, vocab) copy that `generate` makes, and 2 to 64 rows are 1.2-5x faster
-        computed as `(W @ hidden.T).T` (made contiguous again, a copy of only rows x vocab)."""
-        rows = hidden_states.shape[:-1].numel()
-        if rows == 1 and self._head_in_out is not None:
-            return hidden_states @ self._head_in_out
-        eager_cpu = hidden_states.device.type == "cpu" and not torch.compiler.is_compiling()  # compiled: its kernels
-        if eager_cpu and 1 < rows <= 64 and self._head_is_plain():
-            transposed = self.lm_head.weight @ hidden_states.reshape(rows, -1).t()  # (vocab, rows)
-            return transposed.t().contiguous().view(*hidden_states.shape[:-1], -1)
-        return self.lm_head(hidden_states)
-
-    def generate(self, *args, **kwargs):
-        """`GenerationMixin.generate`. On CPU, a decoding step with a single sequence multiplies one row
-        by the head, which runs 2.3x faster against an (n_embd, vocab) copy of it (see `_head`; GPT-2's
-        head: 7.8 vs 3.3 ms a token). Making the copy costs about 15-30 such steps, so it is made for
-        single-sequence calls that ask for at least 32 new tokens, and lives only during the call: it can
-        never go stale when the weights change.
-
-        A request that cannot fit the context (prompt + new tokens > n_positions) is refused before any
-        token is generated, rather than failing at the first position past the context."""
-        config = kwargs.get("generation_config") or self.generation_config
-        new_tokens = kwargs.get("max_new_tokens", config.max_new_tokens)
-        inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
-        if inputs is not None and inputs.dim() == 2:
-            prompt = inputs.shape[1]
-            total = prompt + new_tokens if new_tokens is not None else kwargs.get("max_length", config.max_length)
-            if total > self.config.n_positions:
-                raise ValueError(
-                    f"a prompt of {prompt} tokens plus {total - prompt} new ones is {total} tokens, longer than the "
-                    f"model's context of n_positions={self.config.n_positions}: ask for at most "
-                    f"{max(0, self.config.n_positions - prompt)} new tokens or shorten the prompt"
-                )
-        per_input = [kwargs.get(name) or getattr(config, name) or 1 for name in ("num_beams", "num_return_sequences")]
-        sequences = None if inputs is None else inputs.shape[0] * per_input[0] * per_input[1]
-        weight = self.lm_head.weight
-        sharded = hasattr(weight, "device_mesh")  # a DTensor (FSDP): only the forward sees the whole weight
-        on_cpu = weight.device.type == "cpu" and self._head_is_plain() and not sharded
-        if not on_cpu or sequences != 1 or new_tokens is None or new_tokens < 32:
-            return super().generate(*args, **kwargs)
-        self._head_in_out = self.lm_head.weight.detach().t().contiguous()
-        try:
-            return super().generate(*args, **kwargs)
-        finally:
-            self._head_in_out = None
 
     @classmethod
     def from_gpt2(cls, source="openai-community/gpt2", **config_overrides) -> "MiniGPTForCausalLM":
@@ -524,25 +361,6 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
                     raise ValueError(f"{key}: GPT-2 has shape {tuple(weight.shape)}, MiniGPT {tuple(target.shape)}")
                 target.copy_(weight)
         return model
-
-    def to_gpt2(self):
-        """The inverse of `from_gpt2`: transformers' own `GPT2LMHeadModel` with these weights (Conv1D layout,
-        vocabulary padding dropped) and identical logits, for the runtimes that serve GPT-2 but run no
-        remote code (vLLM, TGI, llama.cpp's converter, ONNX exporters)."""
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        c = self.config
-        config = GPT2Config(**{name: getattr(c, name) for name in GPT2_CONFIG_FIELDS}, activation_function="gelu_new",
-                            tie_word_embeddings=c.tie_word_embeddings)  # fmt: skip
-        with torch.device("meta"):  # no init: every tensor is assigned below
-            gpt2 = GPT2LMHeadModel(config)
-        state = {}
-        for key, tensor in self.state_dict().items():
-            tensor = tensor.t() if key.endswith(CONV1D_WEIGHTS) else tensor
-            state[key] = (tensor[: c.vocab_size] if key in ("transformer.wte.weight", "lm_head.weight") else tensor).clone()
-        gpt2.load_state_dict(state, assign=True)
-        gpt2.tie_weights()
-        return gpt2.eval() if not self.training else gpt2
 
 
 # The hyperparameters MiniGPTConfig and transformers' GPT2Config share, under the same names.

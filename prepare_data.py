@@ -37,8 +37,8 @@ try:  # corpora load through it; the scripts that only read shards (training, ev
 except ImportError:
     sys.exit("prepare_data.py: error: it needs the `datasets` package (pip install datasets)")
 
-from token_shards import (META_FILE, ShardError, token_dtype, tokenizer_sha256, verify_shards, write_atomically,
-                          write_shard)  # fmt: skip
+from atomic_writes import write_atomically
+from token_shards import META_FILE, ShardError, token_dtype, tokenizer_sha256, verify_shards, write_shard
 
 EOT = "<|endoftext|>"
 MIN_BPE_VOCAB = 257  # the 256 byte tokens every byte-level BPE has, plus EOT

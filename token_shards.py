@@ -7,12 +7,13 @@ shards names the source, the tokenizer, the vocabulary and every shard with its 
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from atomic_writes import write_atomically
 
 MAGIC = 20261121
 FORMAT_VERSION = 1
@@ -37,16 +38,6 @@ def tokenizer_sha256(tokenizer) -> str:
     """Fingerprint of the vocabulary and merges, recorded in the manifest to catch shards made with another
     tokenizer than the model's."""
     return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
-
-
-def write_atomically(path: Path, write) -> None:
-    """Call `write(file)` on a temporary name, then rename: a crash never leaves a file that looks done."""
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as file:
-        write(file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
 
 
 def write_shard(path: Path, tokens: np.ndarray) -> str:

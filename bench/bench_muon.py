@@ -27,7 +27,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from report import RESULTS, write_report  # noqa: E402
+from metrics import read_metrics  # noqa: E402
+from report import write_report  # noqa: E402
 
 MODEL = dict(n_layer=4, n_head=4, n_embd=256, n_positions=128)
 LEARNING_RATES = {"adamw": [1e-3, 2e-3, 4e-3], "muon": [2e-3, 4e-3, 8e-3]}
@@ -44,7 +45,7 @@ def train(data: Path, config: Path, out: Path, args, optimizer: str, lr: float, 
                "--eval_steps", str(args.eval_steps), "--eval_iters", "10", "--checkpointing_steps", "0"]  # fmt: skip
     started = time.perf_counter()
     subprocess.run(command, check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    _, rows = read_metrics(out / "metrics.jsonl")
     tokens_per_step = args.batch_size * MODEL["n_positions"]
     curve = [((r["step"] + 1) * tokens_per_step, r["val_loss"]) for r in rows if "val_loss" in r]
     run = {"optimizer": optimizer, "lr": lr, "seed": seed, "val_curve": curve, "final_val_loss": curve[-1][1],

@@ -12,7 +12,6 @@ of a fresh process doing the same steps (CPU) or torch.cuda.max_memory_allocated
 
 import argparse
 import gc
-import json
 import statistics
 import subprocess
 import sys
@@ -28,7 +27,8 @@ sys.path.insert(0, str(REPO))
 
 from configuration_minigpt import MiniGPTConfig  # noqa: E402
 from modeling_minigpt import MiniGPTForCausalLM  # noqa: E402
-from report import machine, write_report  # noqa: E402
+from metrics import machine, model_flops_per_token, peak_bf16_flops, read_metrics  # noqa: E402
+from report import write_report  # noqa: E402
 
 # The issue's CPU shapes: a small vocabulary, where the blocks dominate, and GPT-2's, where the
 # lm_head and the loss do.
@@ -190,7 +190,7 @@ def bench_script(args) -> dict:
                    "runpy.run_path(sys.argv[0], run_name='__main__'); import bench_speed; print(bench_speed.peak_rss_mib())")  # fmt: skip
         finished = subprocess.run([sys.executable, "-c", wrapper], check=True, capture_output=True, text=True)
         peak = float(finished.stdout.split()[-1])
-        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        _, rows = read_metrics(out / "metrics.jsonl")
         script_rates = [r["tokens_per_s"] for r in rows[5:-1]]  # after warm-up, before the final eval/export
 
         eot = dict(bos_token_id=8191, eos_token_id=8191)
@@ -221,8 +221,6 @@ def gpu_runners(shape, batch_size, compiled, steps) -> dict:
 def bench_gpu(args) -> dict:
     """GPT-2 124M, T=1024, bf16 autocast, fused AdamW, eager and torch.compile, the largest micro-batch
     of args.gpu_batches that fits. MFU against the GPU's dense bf16 peak (H100 SXM: 989 TFLOP/s)."""
-    from train_accelerate import model_flops_per_token, peak_bf16_flops
-
     if not torch.cuda.is_available():
         print("\n4. GPU: no CUDA device here; skipped")
         return {"skipped": "no CUDA device"}

@@ -21,9 +21,9 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from configuration_minigpt import MiniGPTConfig  # noqa: E402
 from memory_estimate import GiB, estimate_peak_bytes  # noqa: E402
-from modeling_minigpt import MiniGPTForCausalLM, causal_lm_loss  # noqa: E402
-from report import machine  # noqa: E402
-from train_accelerate import peak_bf16_flops  # noqa: E402
+from loss_minigpt import causal_lm_loss  # noqa: E402
+from metrics import machine, peak_bf16_flops  # noqa: E402
+from modeling_minigpt import MiniGPTForCausalLM  # noqa: E402
 
 
 class Results:

@@ -1,27 +1,12 @@
 """What every benchmark writes beside its numbers (the machine, the versions, the date), and where:
 bench/results/<name>-<date>.json, or --output."""
 
-import datetime
 import json
-import platform
 from pathlib import Path
 
-import torch
-import transformers
+from metrics import machine  # the benchmarks put the repository first on sys.path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def machine() -> dict:
-    return {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def write_report(name: str, results: dict, output: str | None = None) -> Path:

@@ -1,6 +1,5 @@
 """Shared fixtures. The repo root is importable (scripts and model files live there, flat, like a Hub repo)."""
 
-import json
 import os
 import subprocess
 import sys
@@ -23,8 +22,15 @@ TINY_RUN = ["--model", "tiny", "--seq_len", "32", "--per_device_train_batch_size
             "--num_warmup_steps", "3", "--eval_steps", "0", "--eval_iters", "2", "--sample_prompt", "def"]  # fmt: skip
 
 
+def step_rows(output_dir) -> list[dict]:
+    """A run's metrics rows, one per step (without the rows that describe each start)."""
+    from metrics import read_metrics
+
+    return read_metrics(output_dir / "metrics.jsonl")[1]
+
+
 def losses(output_dir):
-    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = step_rows(output_dir)
     return [row["loss"] for row in rows], [row["step"] for row in rows]
 
 

@@ -1,4 +1,4 @@
-"""prepare_data.py and the shard reader, on real text (the built-in corpus) and real files."""
+"""prepare_data.py on real text (the built-in corpus) and real files: tokenization, shards, resume, bad input."""
 
 import copy
 import json
@@ -10,16 +10,7 @@ import numpy as np
 import pytest
 
 import prepare_data
-from token_shards import (
-    HEADER_BYTES,
-    ShardedTokens,
-    ShardError,
-    open_shard,
-    read_meta,
-    token_dtype,
-    verify_shards,
-    write_shard,
-)
+from token_shards import ShardError, open_shard, read_meta, verify_shards
 
 
 @pytest.fixture(scope="module")
@@ -182,69 +173,6 @@ def test_builtin_corpus_is_megabytes_of_real_english():
 # --- the reader ------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def counting(tmp_path_factory):
-    """Three train shards of distinct counting tokens (of unequal length): a window's first token names it."""
-    out = tmp_path_factory.mktemp("counting")
-    shards, start = [], 0
-    for i, length in enumerate([3300, 2100, 4000]):
-        tokens = np.arange(start, start + length, dtype=np.uint16)
-        sha = write_shard(out / f"train_{i:06d}.bin", tokens)
-        shards.append({"file": f"train_{i:06d}.bin", "split": "train", "tokens": length, "sha256": sha})
-        start += length
-    meta = {"vocab_size": 65536, "eot_token_id": 0, "tokenizer_sha256": "-", "shards": shards}
-    (out / "meta.json").write_text(json.dumps(meta))
-    return out
-
-
-def windows_seen(reader, batches):
-    return [int(row[0]) for _ in range(batches) for row in next(reader)]
-
-
-def test_ranks_are_disjoint_and_together_cover_every_window_once(counting):
-    single = ShardedTokens(counting, "train", batch_size=4, seq_len=32)
-    per_epoch = sum(single.windows_per_shard)
-    assert per_epoch == 3299 // 32 + 2099 // 32 + 3999 // 32
-    ranks = [ShardedTokens(counting, "train", batch_size=2, seq_len=32, rank=r, world_size=2) for r in range(2)]
-    steps = per_epoch // 4
-    seen = [windows_seen(reader, steps) for reader in ranks]
-    assert not set(seen[0]) & set(seen[1])
-    assert sorted(seen[0] + seen[1]) == sorted(windows_seen(single, steps))
-    every_window = {start + 32 * w for start, n in [(0, 3300), (3300, 2100), (5400, 4000)] for w in range((n - 1) // 32)}
-    first_epoch = ShardedTokens(counting, "train", batch_size=1, seq_len=32)
-    assert sorted(windows_seen(first_epoch, per_epoch)) == sorted(every_window)
-
-
-def test_windows_are_t_plus_one_tokens_of_the_shards(prepared):
-    reader = ShardedTokens(prepared, "val", batch_size=3, seq_len=16, shuffle=False)
-    val = open_shard(prepared / "val_000000.bin")
-    batch = next(reader)
-    assert batch.shape == (3, 17)
-    assert batch[1].tolist() == val[16:33].tolist()
-
-
-def test_shuffling_is_seeded_and_differs_between_epochs(counting):
-    a, b, c = (ShardedTokens(counting, "train", batch_size=1, seq_len=64, seed=s) for s in (1, 1, 2))
-    per_epoch = sum(a.windows_per_shard)
-    first = windows_seen(a, per_epoch)
-    assert first == windows_seen(b, per_epoch) and first != windows_seen(c, per_epoch)
-    assert first != sorted(first)  # shuffled within shards, not just across them
-    second = windows_seen(a, per_epoch)
-    assert second != first and sorted(second) == sorted(first)  # epoch 2: another order of the same windows
-
-
-def test_reader_state_resumes_the_exact_stream_across_epochs(counting):
-    reader = ShardedTokens(counting, "train", batch_size=8, seq_len=32)
-    windows_seen(reader, 30)
-    state = reader.state_dict()
-    expected = windows_seen(reader, 20)  # crosses into the second epoch (287 windows per epoch)
-    resumed = ShardedTokens(counting, "train", batch_size=8, seq_len=32)
-    resumed.load_state_dict(state)
-    assert windows_seen(resumed, 20) == expected
-    with pytest.raises(ShardError, match="seed"):
-        ShardedTokens(counting, "train", batch_size=2, seq_len=32, seed=9).load_state_dict(state)
-
-
 # --- bad input -------------------------------------------------------------------------------------
 
 
@@ -263,37 +191,6 @@ def test_empty_corpus(tokenizer_dir, tmp_path):
 def test_missing_text_column(corpus_file, tokenizer_dir, tmp_path):
     with pytest.raises(ValueError, match="text column 'body' not in the corpus"):
         prepare(corpus_file, tokenizer_dir, tmp_path / "out", "--text_column", "body")
-
-
-def test_damaged_shards_are_named(prepared, tmp_path):
-    out = tmp_path / "damaged"
-    shutil.copytree(prepared, out)
-    meta = read_meta(out)
-    shard = out / "train_000000.bin"
-    data = shard.read_bytes()
-    shard.write_bytes(data[:-10])
-    with pytest.raises(ShardError, match="train_000000.bin is truncated or corrupt"):
-        ShardedTokens(out, "train", batch_size=1, seq_len=8)
-    reordered = np.frombuffer(data[HEADER_BYTES:], dtype=np.uint16)[::-1]  # every id still valid
-    shard.write_bytes(data[:HEADER_BYTES] + reordered.tobytes())
-    with pytest.raises(ShardError, match="does not match the sha256"):
-        verify_shards(out, meta, checksums=True)
-    shard.write_bytes(data)
-    meta["shards"][1]["tokens"] += 1
-    (out / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(ShardError, match="holds 20000 tokens but meta.json says 20001"):
-        ShardedTokens(out, "train", batch_size=1, seq_len=8)
-    (out / "meta.json").write_text("{not json")
-    with pytest.raises(ShardError, match="not valid JSON"):
-        read_meta(out)
-    with pytest.raises(ShardError, match="does not exist"):
-        read_meta(tmp_path / "nowhere")
-
-
-def test_vocabulary_too_large_for_the_dtype():
-    assert token_dtype(50257) == np.uint16 and token_dtype(70000) == np.uint32
-    with pytest.raises(ShardError, match="does not fit"):
-        token_dtype(2**33)
 
 
 def test_streamed_corpus_tokenizes_like_an_in_memory_one(corpus_file, gpt2_tokenizer):
@@ -366,7 +263,6 @@ class Crash(Exception):
 def test_a_streamed_corpus_resumes_from_its_recorded_position_reading_nothing_twice(documents, tokenizer_dir, tmp_path, monkeypatch):
     """Local parquet files streamed (many files, many shards), as the Hub's FineWeb-Edu is: a run that dies
     after a late shard resumes from the stream position recorded with it, reading only the rows after it."""
-    import datasets
     import pyarrow as pa
     import pyarrow.parquet as pq
 

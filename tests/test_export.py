@@ -13,8 +13,9 @@ from huggingface_hub import ModelCard
 from transformers import AutoTokenizer
 
 import prepare_data
-from conftest import REPO, TINY, VOCAB, run_script, script_env
+from conftest import REPO, TINY, VOCAB, run_script, script_env, step_rows
 from configuration_minigpt import MiniGPTConfig
+from export import to_gpt2
 from modeling_minigpt import MiniGPTForCausalLM
 
 SEQ_LEN = 32
@@ -28,13 +29,16 @@ def run(tmp_path_factory, handmade_hellaswag_module):
     prepare_data.main(["--vocab_size", "512", "--max_tokens", "60000", "--shard_size", "30000",
                        "--output_dir", str(data), "--num_proc", "1"])  # fmt: skip
     out = root / "run"
-    result = run_script([sys.executable, str(REPO / "train_accelerate.py"), "--model", "tiny", "--seq_len", str(SEQ_LEN),
-                         "--data_dir", str(data), "--output_dir", str(out), "--per_device_train_batch_size", "4",
-                         "--max_train_steps", "6", "--num_warmup_steps", "2", "--eval_steps", "3", "--eval_iters", "2",
-                         "--checkpointing_steps", "3", "--hellaswag", str(handmade_hellaswag_module), "--export_gpt2"],
-                        cwd=root)  # fmt: skip
+    result = run_script([*training(data, handmade_hellaswag_module), "--output_dir", str(out)], cwd=root)
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result
+
+
+def training(data, hellaswag) -> list[str]:
+    return [sys.executable, str(REPO / "train_accelerate.py"), "--model", "tiny", "--seq_len", str(SEQ_LEN),
+            "--data_dir", str(data), "--per_device_train_batch_size", "4", "--max_train_steps", "6",
+            "--num_warmup_steps", "2", "--eval_steps", "3", "--eval_iters", "2", "--checkpointing_steps", "3",
+            "--hellaswag", str(hellaswag), "--export_gpt2"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +50,20 @@ def handmade_hellaswag_module(tmp_path_factory):
     return path
 
 
-def test_checkpoints_save_without_the_shared_tensor_warning_and_resume(run):
+def test_checkpoints_save_without_the_shared_tensor_warning_and_resume(run, handmade_hellaswag_module, tmp_path):
+    """The tied head is saved once (no warning) and comes back tied: resumed from step 3 into another
+    directory, steps 4-6 repeat the run's losses, evaluations and export bit for bit."""
     out, result = run
     assert "Removed shared tensor" not in result.stderr + result.stdout
     assert (out / "checkpoints" / "step_6" / "model.safetensors").exists()
+    resumed = run_script([*training(out.parent / "data", handmade_hellaswag_module), "--output_dir", str(tmp_path / "resumed"),
+                          "--resume_from_checkpoint", str(out / "checkpoints" / "step_3")], cwd=tmp_path)  # fmt: skip
+    assert resumed.returncode == 0 and "step_3 at step 3" in resumed.stdout, resumed.stderr[-3000:]
+    measured = ("loss", "grad_norm", "lr", "val_loss", "hellaswag_acc_norm")
+    original, again = step_rows(out)[3:], step_rows(tmp_path / "resumed")
+    assert [[row.get(k) for k in measured] for row in again] == [[row.get(k) for k in measured] for row in original]
+    exported = (out / "final" / "model.safetensors").read_bytes()
+    assert (tmp_path / "resumed" / "final" / "model.safetensors").read_bytes() == exported
 
 
 def test_exported_tokenizer_truncates_at_the_context_and_pads_left_with_eot(run):
@@ -65,7 +79,7 @@ def test_exported_tokenizer_truncates_at_the_context_and_pads_left_with_eot(run)
 
 def test_model_card_metadata_parses_back_with_the_logged_numbers(run):
     out = run[0]
-    last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    last = step_rows(out)[-1]
     card = ModelCard.load(out / "final" / "README.md")
     assert card.data.license == "mit" and card.data.pipeline_tag == "text-generation"
     assert card.data.library_name == "transformers" and card.data.base_model is None
@@ -77,10 +91,9 @@ def test_model_card_metadata_parses_back_with_the_logged_numbers(run):
 
 
 def test_loss_plot_draws_evaluations_at_the_logged_step_and_has_a_title(run):
-    import train_accelerate
+    from metrics import loss_figure
 
-    rows = [json.loads(line) for line in (run[0] / "metrics.jsonl").read_text().splitlines()]
-    figure = train_accelerate.loss_figure(rows, "MiniGPT tiny, 768 tokens")
+    figure = loss_figure(step_rows(run[0]), "MiniGPT tiny, 768 tokens")
     train_line, val_line = figure.axes[0].lines[:2]
     assert list(val_line.get_xdata()) == [3, 6]  # the log says "step 3:" and "step 6:" after 3 and 6 steps
     assert list(train_line.get_xdata()) == [1, 2, 3, 4, 5, 6]
@@ -90,7 +103,7 @@ def test_loss_plot_draws_evaluations_at_the_logged_step_and_has_a_title(run):
 def test_to_gpt2_and_back_is_bitwise_and_the_logits_are_gpt2s():
     torch.manual_seed(0)
     model = MiniGPTForCausalLM(MiniGPTConfig(**TINY)).eval()
-    gpt2 = model.to_gpt2()
+    gpt2 = to_gpt2(model)
     assert type(gpt2).__name__ == "GPT2LMHeadModel" and gpt2.lm_head.weight is gpt2.transformer.wte.weight
     back = MiniGPTForCausalLM.from_gpt2(gpt2)
     for name, tensor in model.state_dict().items():
@@ -100,7 +113,7 @@ def test_to_gpt2_and_back_is_bitwise_and_the_logits_are_gpt2s():
         torch.testing.assert_close(gpt2(x).logits, model(x).logits, atol=1e-5, rtol=0)
 
     padded = MiniGPTForCausalLM(MiniGPTConfig(**TINY, pad_vocab_size_multiple=64)).eval()
-    assert padded.to_gpt2().transformer.wte.weight.shape[0] == VOCAB  # padding rows are not GPT-2's
+    assert to_gpt2(padded).transformer.wte.weight.shape[0] == VOCAB  # padding rows are not GPT-2's
 
 
 NATIVE_LOAD = """

@@ -8,6 +8,7 @@ import sys
 import tarfile
 
 from conftest import REPO, script_env
+from metrics import read_metrics
 
 
 def test_the_device_check_runs_every_step_on_cpu(data_dir, handmade_hellaswag, tmp_path):
@@ -26,8 +27,7 @@ def test_the_device_check_runs_every_step_on_cpu(data_dir, handmade_hellaswag, t
     assert all(step["ok"] for step in check.values()) and {"chunked", "plain", "compiled"} <= set(check["loss_batch_2"])
     compiled_log = next(results.glob("*-train-compiled.log")).read_text()
     assert "chunked_lm_head_loss" in compiled_log and "Recompiling" not in compiled_log  # compiled, once
-    rows = {run: [json.loads(line) for line in (results / f"metrics-{run}.jsonl").read_text().splitlines()]
-            for run in ("compiled", "resumed")}  # fmt: skip
+    rows = {run: read_metrics(results / f"metrics-{run}.jsonl")[1] for run in ("compiled", "resumed")}
     assert [r["step"] for r in rows["resumed"]] == [0, 1, 2, 3]
     assert [r["loss"] for r in rows["resumed"][2:]] == [r["loss"] for r in rows["compiled"][2:]]  # resumed exactly
     assert json.loads((results / "hellaswag.json").read_text())["hellaswag"]["examples"] == 2

@@ -29,7 +29,12 @@ trunk = AutoModel.from_pretrained(folder, trust_remote_code=True)
 assert type(trunk).__name__ == "MiniGPTModel", type(trunk)
 x = torch.arange(32).view(2, 16) * 7 % 1000
 with torch.no_grad():
-    torch.save(model(x).logits, out)
+    logits = model(x).logits
+# Training takes the chunked loss, from the loss_minigpt.py that save_pretrained copied beside the model.
+assert any(name.startswith("transformers_modules") and name.endswith("loss_minigpt") for name in sys.modules)
+loss = model.train()(x, labels=x).loss
+loss.backward()
+torch.save({"logits": logits, "loss": loss.detach(), "grad": model.transformer.wte.weight.grad}, out)
 """
 
 
@@ -46,7 +51,7 @@ def test_saved_folder_is_safetensors_with_code_and_both_auto_classes(saved_model
     model, folder = saved_model
     files = sorted(os.listdir(folder))
     assert "model.safetensors" in files and not [f for f in files if f.endswith((".bin", ".pt"))]
-    assert {"configuration_minigpt.py", "modeling_minigpt.py"} <= set(files)
+    assert {"configuration_minigpt.py", "modeling_minigpt.py", "loss_minigpt.py"} <= set(files)
     auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
     assert auto_map == {
         "AutoConfig": "configuration_minigpt.MiniGPTConfig",
@@ -57,7 +62,7 @@ def test_saved_folder_is_safetensors_with_code_and_both_auto_classes(saved_model
     assert "lm_head.weight" not in load_file(folder / "model.safetensors")
 
 
-def test_remote_code_load_in_a_clean_process_gives_identical_logits(saved_model, tmp_path):
+def test_remote_code_loads_in_a_clean_process_elsewhere_with_identical_logits_and_trains(saved_model, tmp_path):
     model, folder = saved_model
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -66,8 +71,12 @@ def test_remote_code_load_in_a_clean_process_gives_identical_logits(saved_model,
     out = tmp_path / "logits.pt"
     subprocess.run([sys.executable, "-c", REMOTE_LOAD, str(folder), str(out)], cwd=elsewhere, env=env, check=True)
     x = torch.arange(32).view(2, 16) * 7 % 1000
+    remote = torch.load(out)
     with torch.no_grad():
-        assert torch.equal(torch.load(out), model(x).logits)
+        assert torch.equal(remote["logits"], model(x).logits)
+    loss = model.train()(x, labels=x).loss
+    loss.backward()
+    assert torch.equal(remote["loss"], loss.detach()) and torch.equal(remote["grad"], model.transformer.wte.weight.grad)
 
 
 def test_reload_in_bfloat16(saved_model):

@@ -1,6 +1,7 @@
 """PEFT on our model: LoRA adapters, including one on the tied lm_head, must take part in the loss, the
-gradients and the logits (the model's fast head paths read the head's weight directly, which would skip
-an adapter), and an adapter saved with PEFT must load back onto a fresh base model."""
+gradients and the logits (the chunked training loss reads the head's weight directly, which would skip an
+adapter, so a wrapped head takes the plain loss), and an adapter saved with PEFT must load back onto a
+fresh base model."""
 
 import peft
 import torch

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, TINY_RUN, TRAIN, losses, run_script, script_env, two_cpu_processes
+from conftest import REPO, TINY_RUN, TRAIN, losses, run_script, script_env, step_rows, two_cpu_processes
 from token_shards import ShardedTokens, read_meta
 
 def test_a_tiny_run_learns_and_exports_a_loadable_model(uninterrupted, data_dir):
@@ -48,7 +48,7 @@ def test_hellaswag_in_the_loop_equals_eval_hellaswag_on_the_export(data_dir, han
     result = run_script([*TRAIN, *TINY_RUN, "--data_dir", str(data_dir), "--output_dir", str(out), "--max_train_steps", "4",
                   "--eval_steps", "2", "--checkpointing_steps", "0", "--hellaswag", str(handmade_hellaswag)], tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = step_rows(out)
     evaluated = [row for row in rows if "hellaswag_acc_norm" in row]
     assert [row["step"] for row in evaluated] == [1, 3] and evaluated[-1]["hellaswag_examples"] == 2
 
@@ -100,7 +100,7 @@ def test_the_loop_trains_like_a_plain_pytorch_loop_on_transformers_gpt2(data_dir
                          "--weight_decay", str(weight_decay), "--max_grad_norm", str(max_grad_norm),
                          "--eval_steps", "10", "--eval_iters", "2", "--checkpointing_steps", "0"], tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = step_rows(out)
 
     gpt2 = GPT2LMHeadModel(GPT2Config(**shape, embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0)).train()
     conv1d = ("c_attn.weight", "c_proj.weight", "c_fc.weight")  # stored (in, out) by GPT-2
@@ -145,7 +145,7 @@ def test_two_process_ddp_equals_one_process_with_twice_the_accumulation(optimize
                      tmp_path, ACCELERATE_USE_CPU="true")  # fmt: skip
     assert two.returncode == 0, two.stderr[-3000:]
     assert "2 processes x 1 accumulation" in two.stdout + two.stderr
-    rows = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()] for name in ("one", "two")}
+    rows = {name: step_rows(tmp_path / name) for name in ("one", "two")}
     for key in ("loss", "grad_norm"):  # (equal to the last bit here, Muon's bf16 Newton-Schulz included)
         torch.testing.assert_close([r[key] for r in rows["two"]], [r[key] for r in rows["one"]], rtol=1e-5, atol=1e-6)
 
@@ -257,7 +257,7 @@ def test_fsdp2_trains_evaluates_checkpoints_resumes_and_exports_like_ddp(data_di
     ddp = run_script([*two_cpu_processes("train_accelerate.py", 29552), *common, "--output_dir", str(tmp_path / "ddp")],
                      tmp_path, ACCELERATE_USE_CPU="true")  # fmt: skip
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    rows = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()] for name in ("fsdp", "ddp")}
+    rows = {name: step_rows(tmp_path / name) for name in ("fsdp", "ddp")}
     for key in ("loss", "grad_norm"):
         torch.testing.assert_close([r[key] for r in rows["fsdp"]], [r[key] for r in rows["ddp"]], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(rows["fsdp"][-1]["val_loss"], rows["ddp"][-1]["val_loss"], rtol=1e-5, atol=1e-6)
@@ -275,27 +275,8 @@ def test_fsdp2_trains_evaluates_checkpoints_resumes_and_exports_like_ddp(data_di
     resumed = run_script([*fsdp, *common, "--output_dir", str(run), "--resume_from_checkpoint", "latest"], tmp_path,
                          ACCELERATE_USE_CPU="true")  # fmt: skip
     assert resumed.returncode == 0 and "step_3 at step 3" in resumed.stdout, resumed.stderr[-3000:]
-    again = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    again = step_rows(run)
     assert [r["loss"] for r in again] == [r["loss"] for r in rows["fsdp"]]  # bitwise: same processes, CPU
-
-
-def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
-    import train_accelerate
-    from configuration_minigpt import MiniGPTConfig
-    from modeling_minigpt import MiniGPTForCausalLM
-
-    model = MiniGPTForCausalLM(MiniGPTConfig.from_preset("tiny", vocab_size=1000))
-    args = train_accelerate.parse_args(["--optimizer", "muon", "--learning_rate", "2e-3", "--muon_learning_rate", "5e-3"])
-    adamw, muon = train_accelerate.configure_optimizers(model, args, "cpu")
-    names = {id(p): n for n, p in model.named_parameters()}
-    in_muon = sorted(names[id(p)] for g in muon.param_groups for p in g["params"])
-    in_adamw = sorted(names[id(p)] for g in adamw.param_groups for p in g["params"])
-    assert in_muon == sorted(f"transformer.h.{i}.{m}.weight" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
-    assert sorted(in_muon + in_adamw) == sorted(names.values())  # each parameter once (the tied head is wte)
-    assert {"transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.ln_1.weight"} <= set(in_adamw)
-    assert [g["peak_lr"] for g in adamw.param_groups] == [2e-3, 2e-3] and muon.param_groups[0]["peak_lr"] == 5e-3
-    assert muon.param_groups[0]["adjust_lr_fn"] == "match_rms_adamw" and muon.param_groups[0]["momentum"] == 0.95
-    assert train_accelerate.configure_optimizers(model, train_accelerate.parse_args([]), "cpu")[0].param_groups[0]["params"][0] is model.transformer.wte.weight
 
 
 def test_muon_trains_like_a_plain_loop_with_torch_muon_and_adamw(data_dir, tmp_path):
@@ -320,7 +301,7 @@ def test_muon_trains_like_a_plain_loop_with_torch_muon_and_adamw(data_dir, tmp_p
                          "--num_warmup_steps", str(warmup), "--min_lr_ratio", "0.1", "--weight_decay", str(weight_decay),
                          "--eval_steps", "0", "--eval_iters", "2", "--checkpointing_steps", "0"], tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = step_rows(out)
 
     model.train()
     threads = torch.get_num_threads()
@@ -403,42 +384,6 @@ def test_samples_leave_the_training_random_streams_as_they_were(gpt2_tokenizer):
     assert model.training
 
 
-@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
-                                        ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-40GB", 312e12), ("NVIDIA A100-PCIE-40GB", 312e12),
-                                        ("Tesla T4", None)])  # fmt: skip
-def test_mfu_peak_by_device_name(name, peak):
-    """NVIDIA's datasheets, dense bf16: the H100's PCIe and NVL boards run below the SXM part's 989 TFLOP/s."""
-    from train_accelerate import peak_bf16_flops
-
-    assert peak_bf16_flops(name) == peak
-
-
-def test_the_cuda_optimizer_branch_fused_adamw_steps_like_the_default():
-    """On CUDA the optimizers are built with AdamW(fused=True), which torch also runs on CPU: that branch,
-    taken here, must step the weights as the default (foreach) implementation does."""
-    from configuration_minigpt import MiniGPTConfig
-    from modeling_minigpt import MiniGPTForCausalLM
-    from train_accelerate import configure_optimizers, parse_args
-
-    args = parse_args(["--weight_decay", "0.1"])
-    weights = []
-    for device_type in ("cuda", "cpu"):
-        torch.manual_seed(0)
-        model = MiniGPTForCausalLM(MiniGPTConfig(n_layer=2, n_head=2, n_embd=32, n_positions=32, vocab_size=64,
-                                                 bos_token_id=63, eos_token_id=63)).train()  # fmt: skip
-        (adamw,) = configure_optimizers(model, args, device_type)
-        assert adamw.defaults["fused"] == (device_type == "cuda")
-        for step in range(5):
-            x = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(step))
-            model(x, labels=x).loss.backward()
-            adamw.step()
-            adamw.zero_grad()
-        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-    # The kernels round differently where a gradient is near zero (Adam divides by its root mean square):
-    # 1.7e-6 measured, against updates of ~1e-3 a step.
-    torch.testing.assert_close(weights[0], weights[1], rtol=1e-5, atol=1e-5)
-
-
 def test_two_process_ddp_with_bf16_accumulation_and_compile_compiles_once(data_dir, tmp_path):
     """The GPU recipe's path, on gloo: bf16 autocast, accumulation, --compile, two evaluations with samples
     and two checkpoints. dynamo logs every recompile (TORCH_LOGS=recompiles): there must be none, and the
@@ -457,7 +402,7 @@ def test_two_process_ddp_with_bf16_accumulation_and_compile_compiles_once(data_d
                        tmp_path, ACCELERATE_MIXED_PRECISION="bf16")  # fmt: skip
     assert eager.returncode == 0, eager.stderr[-3000:]
     assert "cpu bf16 | torch" in eager.stdout + eager.stderr
-    rows = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()] for name in ("compiled", "eager")}
+    rows = {name: step_rows(tmp_path / name) for name in ("compiled", "eager")}
     for key in ("loss", "val_loss"):
         mine, reference = ([r[key] for r in rows[name] if key in r] for name in ("compiled", "eager"))
         torch.testing.assert_close(mine, reference, rtol=2e-2, atol=0)
@@ -476,7 +421,7 @@ def test_fsdp2_under_bf16_trains_like_ddp_under_bf16(data_dir, tmp_path):
     ddp = run_script([*two_cpu_processes("train_accelerate.py", 29592, mixed_precision="bf16"), *common,
                       "--output_dir", str(tmp_path / "ddp")], tmp_path, ACCELERATE_USE_CPU="true")  # fmt: skip
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    rows = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()] for name in ("fsdp", "ddp")}
+    rows = {name: step_rows(tmp_path / name) for name in ("fsdp", "ddp")}
     for key in ("loss", "val_loss"):
         mine, reference = ([r[key] for r in rows[name] if key in r] for name in ("fsdp", "ddp"))
         torch.testing.assert_close(mine, reference, rtol=3e-2, atol=0)

@@ -125,13 +125,25 @@ def test_static_cache_with_left_padding_equals_the_dynamic_cache(gpt2_and_ours):
     torch.testing.assert_close(torch.stack(static.scores), torch.stack(dynamic.scores), atol=1e-5, rtol=0)
 
 
-def test_generating_past_the_context_is_refused_before_any_work(gpt2_and_ours):
+def test_generating_past_the_context_is_refused_at_the_first_position_beyond_it(gpt2_and_ours):
+    """The context check sits in the trunk's forward, which every path passes: generation, scoring, training."""
     _, ours = gpt2_and_ours
     calls = []
     hook = ours.register_forward_hook(lambda *_: calls.append(1))
     try:
-        with pytest.raises(ValueError, match=r"a prompt of 60 tokens plus 10 new ones is 70 tokens.*at most 4 new tokens"):
+        with pytest.raises(ValueError, match=r"sequence of 65 tokens \(64 cached \+ 1 new\) is longer than the model's "
+                                             r"context of n_positions=64"):  # fmt: skip
             ours.generate(torch.zeros(1, 60, dtype=torch.long), max_new_tokens=10, **GREEDY)
+    finally:
+        hook.remove()
+    assert len(calls) == 5  # the prompt, then every step whose positions fit
+    with pytest.raises(ValueError, match=r"sequence of 65 tokens \(0 cached \+ 65 new\)"):
+        ours(torch.zeros(1, 65, dtype=torch.long))
+    calls.clear()
+    hook = ours.register_forward_hook(lambda *_: calls.append(1))
+    try:  # a static cache (compiled generation) is preallocated for the whole request: refused at the prompt
+        with pytest.raises(ValueError, match=r"a static KV cache of 69 positions is longer than the model's context"):
+            ours.generate(torch.zeros(1, 60, dtype=torch.long), max_new_tokens=10, cache_implementation="static", **GREEDY)
     finally:
         hook.remove()
     assert calls == []

@@ -31,5 +31,5 @@ if __name__ == "__main__":
 
     try:
         train_accelerate.main()
-    except (ValueError, train_accelerate.ShardError) as error:
+    except ValueError as error:  # as the script's own entry point
         sys.exit(f"train_accelerate.py: error: {error}")

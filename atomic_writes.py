@@ -1,0 +1,32 @@
+"""Files and folders that are complete or absent: written aside under a temporary name, then renamed into
+place (a rename within one filesystem is atomic), so a crash never leaves one that only looks finished."""
+
+import os
+import shutil
+from pathlib import Path
+
+
+def write_atomically(path: Path, write) -> None:
+    """Call `write(file)` on a temporary name, then rename: a crash never leaves a file that looks done."""
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "wb") as file:
+        write(file)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+
+
+def staging_dir(destination: Path, clear: bool = True) -> Path:
+    """Where the folder `destination` is written until it is complete: `NAME.tmp` beside it (one filesystem,
+    so the final rename is atomic), emptied of anything an interrupted writer left. When several processes
+    write into it, only the main one clears it (`clear`), before the others start."""
+    staging = destination.with_name(destination.name + ".tmp")
+    if clear:
+        shutil.rmtree(staging, ignore_errors=True)
+    return staging
+
+
+def put_in_place(staging: Path, destination: Path) -> None:
+    """Replace `destination` with the complete folder `staging`: the old one goes only once the new one is whole."""
+    shutil.rmtree(destination, ignore_errors=True)
+    os.replace(staging, destination)

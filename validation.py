@@ -1,0 +1,64 @@
+"""The held-out split: its loss, and the checks that make that number mean something (a window the model
+can read, enough val windows, the model's own tokenizer). Shared by training and evaluation."""
+
+import torch
+import torch.nn.functional as F
+
+from token_shards import ShardedTokens, ShardError, read_meta, tokenizer_sha256
+
+
+def device_of(model) -> torch.device:
+    return next(model.parameters()).device  # also for DDP-wrapped and compiled models, which lack `.device`
+
+
+def padded_share(items: list, rank: int, world: int) -> list[tuple]:
+    """This process's round-robin share of `items` as (item, counted) pairs, padded to the same length on
+    every process by repeating the last item uncounted. With sharded parameters (FSDP) every forward is a
+    collective that all processes must join, so they must all run the same number of forwards."""
+    mine = [(item, True) for item in items[rank::world]]
+    return mine + [(items[-1], False)] * (-(-len(items) // world) - len(mine))
+
+
+def check_seq_len(seq_len: int, context: int, model_name: str) -> None:
+    if seq_len > context:
+        raise ValueError(f"--seq_len {seq_len} exceeds {model_name}'s context of {context} tokens")
+
+
+def check_val_windows(data_dir, batch_size: int, seq_len: int, batches: int, asked: str) -> None:
+    """The val split must hold `batches` batches of `batch_size` windows (`asked` names the arguments)."""
+    windows = sum(ShardedTokens(data_dir, "val", batch_size, seq_len, shuffle=False).windows_per_shard)
+    if batches * batch_size > windows:
+        raise ShardError(f"{asked} needs {batches * batch_size} val windows of {seq_len + 1} tokens; {data_dir} has "
+                         f"{windows}: ask for fewer or prepare more (prepare_data.py --val_tokens)")  # fmt: skip
+
+
+def check_same_tokenizer(data_dir, tokenizer, model_name: str) -> None:
+    if tokenizer_sha256(tokenizer) != read_meta(data_dir)["tokenizer_sha256"]:
+        raise ShardError(f"{data_dir} was tokenized with another tokenizer than {model_name}'s: "
+                         "its loss would mean nothing")  # fmt: skip
+
+
+@torch.no_grad()
+def val_loss(model, data_dir, batch_size, seq_len, batches, accelerator=None) -> float:
+    """Mean next-token loss over the first `batches` val batches of prepare_data.py shards: the same
+    windows every time and whatever the process count (batch i is computed by process i % N)."""
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    reader = ShardedTokens(data_dir, "val", batch_size, seq_len, 0, 1, shuffle=False)
+    device = device_of(model)
+    was_training = model.training
+    model.eval()
+    losses = torch.zeros(batches, device=device)
+    position = 0
+    for i, counted in padded_share([*range(batches)], rank, world):  # uncounted: the last batch, to join in
+        while position <= i:  # read on to batch i (a memmap: cheap), so every process walks the same windows
+            window, position = next(reader), position + 1
+        window = window.to(device)
+        logits = model(input_ids=window[:, :-1], use_cache=False).logits  # a cache would be ~2.4 GiB at 64 x 1024
+        if counted:
+            # A row at a time in fp32: a whole (B, T, vocab) fp32 copy would be gigabytes at GPT-2 scale.
+            total = sum(F.cross_entropy(row.float(), target, reduction="sum") for row, target in zip(logits, window[:, 1:]))
+            losses[i] = total / window[:, 1:].numel()
+    model.train(was_training)
+    if world > 1:
+        losses = accelerator.reduce(losses, reduction="sum")  # each batch is nonzero on one process only
+    return losses.mean().item()
