@@ -159,7 +159,7 @@ def test_side_by_side_two_processes_equal_one_and_library_gpt2_equals_ours(gpt2_
               "--data_dir", str(gpt2_data), "--val_batches", "3", "--val_batch_size", "2", "--seq_len", "32"]  # fmt: skip
     one = run_script([*EVAL, *common, "--output", str(tmp_path / "one.json")])
     assert one.returncode == 0, one.stderr[-3000:]
-    two = run_script([*two_cpu_processes("eval_hellaswag.py", 29534), *common, "--output", str(tmp_path / "two.json")],
+    two = run_script([*two_cpu_processes("eval_hellaswag.py", 29535), *common, "--output", str(tmp_path / "two.json")],
                      ACCELERATE_USE_CPU="true")
     assert two.returncode == 0, two.stderr[-3000:]
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))

@@ -1,5 +1,6 @@
 """The house's layout: imports between the repository's modules run one way (no cycles), the remote code
-imports only itself and installed packages, and the library and the benchmarks import no training script."""
+imports only itself and installed packages, the library and the benchmarks import no training script, and
+no two tests share a port (CI runs them in parallel)."""
 
 import ast
 import graphlib
@@ -43,3 +44,11 @@ def test_the_library_imports_no_script_and_nothing_imports_the_training_script()
         assert "train_accelerate" not in scripts, path.name
         if path.parent == REPO and path.stem not in SCRIPTS:
             assert not scripts, (path.name, scripts)
+
+
+def test_every_multi_process_test_has_its_own_port():
+    """CI runs the suite in two workers: two tests on one rendezvous port would join each other's runs."""
+    import re
+
+    ports = [port for path in (REPO / "tests").glob("*.py") for port in re.findall(r"\b29[5-9]\d\d\b", path.read_text())]
+    assert ports and len(ports) == len(set(ports)), sorted(p for p in ports if ports.count(p) > 1)
