@@ -16,6 +16,10 @@ def write_atomically(path: Path, write) -> None:
     os.replace(temporary, path)
 
 
+def write_text_atomically(path: Path, text: str) -> None:
+    write_atomically(path, lambda file: file.write(text.encode()))
+
+
 def staging_dir(destination: Path, clear: bool = True) -> Path:
     """Where the folder `destination` is written until it is complete: `NAME.tmp` beside it (one filesystem,
     so the final rename is atomic), emptied of anything an interrupted writer left. When several processes

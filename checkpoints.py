@@ -19,7 +19,7 @@ from pathlib import Path
 
 from accelerate.utils import broadcast_object_list, gather_object, load
 
-from atomic_writes import put_in_place, staging_dir, write_atomically
+from atomic_writes import put_in_place, staging_dir, write_text_atomically
 
 LATEST = "latest"  # file naming the newest complete checkpoint
 KEPT = "kept.json"  # the checkpoints kept, oldest first
@@ -103,10 +103,6 @@ def save_checkpoint(accelerator, config, args, step: int, data_state: dict) -> N
             shutil.rmtree(root / old, ignore_errors=True)
         write_text_atomically(root / KEPT, json.dumps(kept[-args.checkpoints_total_limit :]))
     accelerator.wait_for_everyone()
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    write_atomically(path, lambda file: file.write(text.encode()))
 
 
 def read_kept(root: Path) -> list[str]:

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import modeling_minigpt  # noqa: F401  registers MiniGPT with the Auto classes: training checkpoints hold no code
-from atomic_writes import write_atomically
+from atomic_writes import write_text_atomically
 from validation import check_same_tokenizer, check_seq_len, check_val_windows, device_of, padded_share, val_loss
 
 HUB_DATASET = "Rowan/hellaswag"
@@ -334,8 +334,9 @@ def main(argv=None):
     results = []
     for model_path in args.model:
         model, tokenizer = load(model_path, args.tokenizer, accelerator.device, dtype)
-        seq_len = args.seq_len or context_length(model, tokenizer)
-        check_seq_len(seq_len, context_length(model, tokenizer), model_path)
+        context = context_length(model, tokenizer)
+        seq_len = args.seq_len or context
+        check_seq_len(seq_len, context, model_path)
         if args.data_dir:
             check_same_tokenizer(args.data_dir, tokenizer, model_path)
             check_val_windows(args.data_dir, args.val_batch_size, seq_len, args.val_batches,
@@ -360,7 +361,7 @@ def main(argv=None):
         }
         output = Path(args.output)
         output.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(output, lambda f: f.write(json.dumps(report, indent=1).encode()))
+        write_text_atomically(output, json.dumps(report, indent=1))
         print(f"wrote {output}")
 
 

@@ -14,7 +14,7 @@ from atomic_writes import put_in_place, staging_dir
 from modeling_minigpt import CONV1D_WEIGHTS, GPT2_CONFIG_FIELDS, MiniGPTForCausalLM
 from token_shards import read_meta
 
-COMPANION_FILES = ("loss.png",)  # copied into the native GPT-2 folder as they are, when present
+COMPANION_FILES = ("loss.png",)  # copied into an exported folder as they are, when present
 
 
 def export_model(accelerator, model, args, summary: dict, destination: Path, base_model: str | None = None):
@@ -38,8 +38,7 @@ def export_model(accelerator, model, args, summary: dict, destination: Path, bas
         GenerationConfig(bos_token_id=eot, eos_token_id=eot, pad_token_id=eot, do_sample=True, top_k=50,
                          max_new_tokens=64).save_pretrained(temporary)  # fmt: skip
         model_card(args, summary, base_model).save(temporary / "README.md")
-        if (args.output_dir / "loss.png").exists():
-            shutil.copy(args.output_dir / "loss.png", temporary / "loss.png")
+        copy_companions(args.output_dir, temporary)
         put_in_place(temporary, destination)
         if args.export_gpt2:
             export_gpt2(destination, destination.with_name(destination.name + "-gpt2"))
@@ -149,8 +148,12 @@ def export_gpt2(source: Path, destination: Path) -> Path:
         card.data.tags = [tag for tag in card.data.tags or [] if tag != "minigpt"] + ["minigpt-native-gpt2"]
         card.text = card.text.replace("trust_remote_code=True", "no remote code: model_type gpt2")
         card.save(temporary / "README.md")
-    for name in COMPANION_FILES:
-        if (source / name).is_file():
-            shutil.copy(source / name, temporary / name)
+    copy_companions(source, temporary)
     put_in_place(temporary, destination)
     return destination
+
+
+def copy_companions(source: Path, destination: Path):
+    for name in COMPANION_FILES:
+        if (source / name).is_file():
+            shutil.copy(source / name, destination / name)

@@ -12,7 +12,7 @@ import accelerate
 import torch
 import transformers
 
-from atomic_writes import write_atomically
+from atomic_writes import write_text_atomically
 
 GPT2_124M_HELLASWAG = 0.2955  # completion-style acc_norm, full val split (build-nanogpt / llm.c)
 # Dense bf16 peak per GPU, by what torch.cuda.get_device_name says: the first match counts, so the H100's
@@ -80,7 +80,7 @@ class MetricsLog:
         self.path = path
         rows = path.read_text().splitlines() if path.exists() and resume_step else []
         kept = "".join(row + "\n" for row in rows if self.step_of(row) < resume_step)
-        write_atomically(path, lambda file: file.write(kept.encode()))
+        write_text_atomically(path, kept)
         self.write({"run": run})
 
     @staticmethod

@@ -37,7 +37,7 @@ try:  # corpora load through it; the scripts that only read shards (training, ev
 except ImportError:
     sys.exit("prepare_data.py: error: it needs the `datasets` package (pip install datasets)")
 
-from atomic_writes import write_atomically
+from atomic_writes import write_text_atomically
 from token_shards import META_FILE, ShardError, token_dtype, tokenizer_sha256, verify_shards, write_shard
 
 EOT = "<|endoftext|>"
@@ -414,7 +414,7 @@ def main(argv=None):
         record = {"file": name, "split": split, "tokens": int(filled), "sha256": sha, "end_doc": doc_index}
         record |= {"end_offset": int(doc_offset)} | ({"stream_state": stream_state} if stream_state else {})
         progress["shards"].append(record)
-        write_atomically(progress_path, lambda f: f.write(json.dumps(progress, indent=1).encode()))
+        write_text_atomically(progress_path, json.dumps(progress, indent=1))
         split, name, capacity = next(plan)
         buffer, filled = np.empty(capacity, dtype=dtype), 0
 
@@ -454,7 +454,7 @@ def main(argv=None):
         "val_split": {"documents": val_docs.tolist(), "seed": args.val_seed} if val_docs is not None else {"first_tokens": val_tokens},
         "python": sys.version.split()[0],
     }
-    write_atomically(out / META_FILE, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    write_text_atomically(out / META_FILE, json.dumps(meta, indent=1))
     print(f"wrote {meta['tokens']['train']:,} train and {meta['tokens']['val']:,} val tokens to {out}")
     return out
 
