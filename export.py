@@ -18,23 +18,23 @@ COMPANION_FILES = ("loss.png",)  # copied into an exported folder as they are, w
 
 
 def export_model(accelerator, model, args, summary: dict, destination: Path, base_model: str | None = None):
-    """The run's model folder, from every process (under FSDP the weights are gathered from all of them)."""
-    temporary = staging_dir(destination, clear=accelerator.is_main_process)
-    accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(model)
+    """The run's model folder. Every process gives its part of the weights (under FSDP they are gathered
+    from all of them); the main process alone writes the folder and renames it into place. No other process
+    touches it: one that arrives late would find the staging folder already renamed away."""
     weights = accelerator.get_state_dict(model)  # the full tensors, gathered from every process under FSDP
-    # Saved through a weightless model of our own class: under FSDP2 the model's class is torch's generated
-    # FSDP subclass, and save_pretrained would copy torch's source files in place of ours as remote code.
-    with torch.device("meta"):
-        plain = MiniGPTForCausalLM(unwrapped.config)
-    if unwrapped.config.tie_word_embeddings:  # gathered tensors share no storage: drop the alias by name
-        for alias in plain._tied_weights_keys:
-            weights.pop(alias, None)
-    plain.save_pretrained(temporary, is_main_process=accelerator.is_main_process, state_dict=weights,
-                          save_function=accelerator.save)  # fmt: skip
     if accelerator.is_main_process:
-        exported_tokenizer(args.data_dir, unwrapped.config).save_pretrained(temporary)
-        eot = unwrapped.config.eos_token_id
+        config = accelerator.unwrap_model(model).config
+        temporary = staging_dir(destination)
+        # Saved through a weightless model of our own class: under FSDP2 the model's class is torch's generated
+        # FSDP subclass, and save_pretrained would copy torch's source files in place of ours as remote code.
+        with torch.device("meta"):
+            plain = MiniGPTForCausalLM(config)
+        if config.tie_word_embeddings:  # gathered tensors share no storage: drop the alias by name
+            for alias in plain._tied_weights_keys:
+                weights.pop(alias, None)
+        plain.save_pretrained(temporary, state_dict=weights)
+        exported_tokenizer(args.data_dir, config).save_pretrained(temporary)
+        eot = config.eos_token_id
         GenerationConfig(bos_token_id=eot, eos_token_id=eot, pad_token_id=eot, do_sample=True, top_k=50,
                          max_new_tokens=64).save_pretrained(temporary)  # fmt: skip
         model_card(args, summary, base_model).save(temporary / "README.md")

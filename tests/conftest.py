@@ -1,6 +1,7 @@
 """Shared fixtures. The repo root is importable (scripts and model files live there, flat, like a Hub repo)."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -51,7 +52,7 @@ def uninterrupted(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "uninterrupted"
     result = run_script([*TRAIN, *TINY_RUN, "--data_dir", str(data_dir), "--output_dir", str(out), "--max_train_steps", "12",
                   "--checkpointing_steps", "4"], cwd=out.parent)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure(result)
     return out
 
 
@@ -61,6 +62,14 @@ def script_env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "PYTHONPATH"))}
     offline = dict(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     return {**env, **offline, **extra}
+
+
+def failure(result: subprocess.CompletedProcess) -> str:
+    """A failed run's output, for an assertion message: first the lines that name an error, from every
+    process (the cause of a multi-process failure is printed far above the tail, which the launcher's and
+    the other processes' tracebacks fill), then the tail."""
+    errors = [line for line in result.stderr.splitlines() if re.search(r"\w(Error|Exception): |error: ", line)]
+    return "\n".join(dict.fromkeys(errors)) + "\n[...]\n" + result.stderr[-2500:]
 
 
 def run_script(command, cwd=None, **extra_env) -> subprocess.CompletedProcess:

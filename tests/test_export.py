@@ -13,7 +13,7 @@ from huggingface_hub import ModelCard
 from transformers import AutoTokenizer
 
 import prepare_data
-from conftest import REPO, TINY, VOCAB, run_script, script_env, step_rows
+from conftest import REPO, TINY, VOCAB, failure, run_script, script_env, step_rows
 from configuration_minigpt import MiniGPTConfig
 from export import to_gpt2
 from modeling_minigpt import MiniGPTForCausalLM
@@ -30,7 +30,7 @@ def run(tmp_path_factory, handmade_hellaswag_module):
                        "--output_dir", str(data), "--num_proc", "1"])  # fmt: skip
     out = root / "run"
     result = run_script([*training(data, handmade_hellaswag_module), "--output_dir", str(out)], cwd=root)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure(result)
     return out, result
 
 
@@ -138,7 +138,7 @@ def test_native_export_loads_without_remote_code_and_equals_ours(run, tmp_path):
     native = out / "final-gpt2"
     result = subprocess.run([sys.executable, "-c", NATIVE_LOAD, str(native)], cwd=tmp_path, env=script_env(),
                             capture_output=True, text=True, stdin=subprocess.DEVNULL)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure(result)
     assert "[y/N]" not in result.stdout + result.stderr and "model of type" not in result.stderr, result.stderr
     loaded = json.loads(result.stdout.splitlines()[-1])
     assert (loaded["type"], loaded["model_type"]) == ("GPT2LMHeadModel", "gpt2")
@@ -193,7 +193,7 @@ def test_native_export_runs_in_onnxruntime_with_our_logits_and_greedy_tokens(run
 def test_export_gpt2_script_on_an_existing_folder_and_a_bad_path(run, tmp_path):
     command = [sys.executable, str(REPO / "export_gpt2.py")]
     result = run_script([*command, str(run[0] / "final"), str(tmp_path / "native")], tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == 0, failure(result)
     assert (tmp_path / "native" / "config.json").exists() and not (tmp_path / "native.tmp").exists()
     assert json.loads((tmp_path / "native" / "config.json").read_text())["model_type"] == "gpt2"
     bad = run_script([*command, str(tmp_path / "missing"), str(tmp_path / "x")], tmp_path)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import HANDMADE_HELLASWAG, REPO, run_script, shared_file, two_cpu_processes
+from conftest import HANDMADE_HELLASWAG, REPO, failure, run_script, shared_file, two_cpu_processes
 
 import eval_hellaswag
 import prepare_data
@@ -158,10 +158,10 @@ def test_side_by_side_two_processes_equal_one_and_library_gpt2_equals_ours(gpt2_
     common = ["--model", gpt2_dir, "--model", ours_dir, "--hellaswag", str(data), "--limit", "30", "--batch_size", "2",
               "--data_dir", str(gpt2_data), "--val_batches", "3", "--val_batch_size", "2", "--seq_len", "32"]  # fmt: skip
     one = run_script([*EVAL, *common, "--output", str(tmp_path / "one.json")])
-    assert one.returncode == 0, one.stderr[-3000:]
+    assert one.returncode == 0, failure(one)
     two = run_script([*two_cpu_processes("eval_hellaswag.py", 29535), *common, "--output", str(tmp_path / "two.json")],
                      ACCELERATE_USE_CPU="true")
-    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.returncode == 0, failure(two)
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert (one["processes"], two["processes"]) == (1, 2)
     def scores(report):

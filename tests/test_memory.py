@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from configuration_minigpt import MiniGPTConfig
-from conftest import REPO, TINY_RUN, TRAIN, run_script
+from conftest import REPO, TINY_RUN, TRAIN, failure, run_script
 from memory_estimate import MARGIN, GiB, estimate_peak_bytes
 
 sys.path.insert(0, str(REPO / "bench"))
@@ -50,11 +50,11 @@ def test_auto_micro_batch_is_the_largest_that_fits_and_divides_the_step(data_dir
     command = [*TRAIN, *TINY_RUN, "--data_dir", str(data_dir), "--max_train_steps", "2", "--checkpointing_steps", "0",
                "--per_device_train_batch_size", "auto", "--device_memory_gib", f"{memory:.9f}"]  # fmt: skip
     alone = run_script([*command, "--output_dir", str(tmp_path / "alone")], tmp_path)
-    assert alone.returncode == 0, alone.stderr[-3000:]
+    assert alone.returncode == 0, failure(alone)
     assert "micro-batch auto: 6 windows" in alone.stdout and "= 6 x 32 x 1 processes x 1 accumulation" in alone.stdout
     # 8 windows a step: the largest divisor of 8 that fits is 4, accumulated twice.
     stepped = run_script([*command, "--total_batch_size", str(8 * 32), "--output_dir", str(tmp_path / "stepped")], tmp_path)
-    assert stepped.returncode == 0, stepped.stderr[-3000:]
+    assert stepped.returncode == 0, failure(stepped)
     assert "micro-batch auto: 4 windows" in stepped.stdout and "= 4 x 32 x 1 processes x 2 accumulation" in stepped.stdout
 
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, TINY_RUN, TRAIN, run_script, step_rows
+from conftest import REPO, TINY_RUN, TRAIN, failure, run_script, step_rows
 
 # `python script.py ...` with datasets blocked: the script's folder first on the path, as Python puts it.
 BLOCKED = ("import os, runpy, sys; sys.modules['datasets'] = None; sys.argv = {argv!r}; "
@@ -24,7 +24,7 @@ def trained(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("no_datasets") / "run"
     result = without_datasets([TRAIN[1], *TINY_RUN, "--data_dir", str(data_dir), "--output_dir", str(out),
                                "--max_train_steps", "3", "--checkpointing_steps", "3", "--export_gpt2"], cwd=out.parent)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure(result)
     return out
 
 
@@ -42,14 +42,14 @@ def test_evaluation_on_a_local_jsonl_needs_no_datasets(trained, data_dir, handma
     result = without_datasets([str(REPO / "eval_hellaswag.py"), "--model", str(trained / "final"), "--hellaswag",
                                str(handmade_hellaswag), "--data_dir", str(data_dir), "--val_batches", "2",
                                "--seq_len", "32", "--output", str(report)], cwd=tmp_path)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure(result)
     scores = json.loads(report.read_text())
     assert scores["hellaswag"]["examples"] == 2 and scores["results"][0]["val_loss"] > 0
 
 
 def test_the_speed_benchmark_imports_without_datasets(tmp_path):
     result = without_datasets([str(REPO / "bench" / "bench_speed.py"), "--help"], cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure(result)
     assert "--only" in result.stdout
 
 

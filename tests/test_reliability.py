@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
 
-from conftest import TINY_RUN, TRAIN, losses, run_script, script_env
+from conftest import TINY_RUN, TRAIN, failure, losses, run_script, script_env, two_cpu_processes
 from token_shards import HEADER_BYTES, file_sha256
 
 TWELVE_STEPS = [*TINY_RUN, "--max_train_steps", "12", "--checkpointing_steps", "4"]
@@ -92,7 +92,7 @@ def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous_one(damaged,
     with open(out / "metrics.jsonl", "a") as log:  # a kill mid-write tears the last line
         log.write('{"step": 12, "loss": 3.1')
     resumed = run_script([*command, "--resume_from_checkpoint", "latest"], tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, failure(resumed)
     assert "step_12 is unreadable" in resumed.stdout + resumed.stderr
     assert "resumed from" in resumed.stdout and "step_8 at step 8" in resumed.stdout
     assert losses(out) == losses(uninterrupted)  # steps 8-11 redone exactly
@@ -103,7 +103,7 @@ def test_latest_naming_a_missing_checkpoint_falls_back(uninterrupted, data_dir, 
     shutil.rmtree(out / "checkpoints" / "step_12")
     resumed = run_script([*TRAIN, *TWELVE_STEPS, "--data_dir", str(data_dir), "--output_dir", str(out),
                           "--resume_from_checkpoint", "latest"], tmp_path)  # fmt: skip
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, failure(resumed)
     assert "step_8 at step 8" in resumed.stdout
     assert losses(out) == losses(uninterrupted)
 
@@ -126,7 +126,26 @@ def test_a_second_run_on_the_same_output_dir_is_refused_and_a_killed_run_leaves_
         first.wait()
     reached = int((out / "checkpoints" / "latest").read_text().removeprefix("step_"))
     resumed = run_script([*command, "--max_train_steps", str(reached + 2), "--resume_from_checkpoint", "latest"], tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, failure(resumed)
+
+
+def test_a_late_second_process_leaves_every_checkpoint_and_the_export_whole(data_dir, tmp_path):
+    """Rank 1 two seconds late inside each checkpoint's save and inside the export: every folder the run
+    wrote is whole (both processes' random states, the exported weights equal the last checkpoint's) and
+    nothing half-written stays behind. Before the fix, the late process re-created the export's staging
+    folder after the rename (or, a moment earlier, crashed listing it)."""
+    out = tmp_path / "run"
+    late = [*two_cpu_processes("tests/scripts/late_rank.py", 29544), *TINY_RUN, "--data_dir", str(data_dir),
+            "--output_dir", str(out), "--max_train_steps", "4", "--checkpointing_steps", "2"]  # fmt: skip
+    result = run_script(late, tmp_path, ACCELERATE_USE_CPU="true")
+    assert result.returncode == 0, failure(result)
+    assert sorted(path.name for path in out.iterdir()) == [".lock", "checkpoints", "final", "loss.png", "metrics.jsonl"]
+    assert not [path for path in out.rglob("*.tmp")]
+    checkpoints = out / "checkpoints"
+    for step in (2, 4):
+        assert {"random_states_0.pkl", "random_states_1.pkl"} <= {path.name for path in (checkpoints / f"step_{step}").iterdir()}
+    exported, last = load_file(out / "final" / "model.safetensors"), load_file(checkpoints / "step_4" / "model.safetensors")
+    assert exported.keys() == last.keys() and all(exported[name].equal(last[name]) for name in last)
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, TINY_RUN, TRAIN, losses, run_script, script_env, step_rows, two_cpu_processes
+from conftest import REPO, TINY_RUN, TRAIN, failure, losses, run_script, script_env, step_rows, two_cpu_processes
 from token_shards import ShardedTokens, read_meta
 
 def test_a_tiny_run_learns_and_exports_a_loadable_model(uninterrupted, data_dir):
@@ -47,7 +47,7 @@ def test_hellaswag_in_the_loop_equals_eval_hellaswag_on_the_export(data_dir, han
     out = tmp_path / "run"
     result = run_script([*TRAIN, *TINY_RUN, "--data_dir", str(data_dir), "--output_dir", str(out), "--max_train_steps", "4",
                   "--eval_steps", "2", "--checkpointing_steps", "0", "--hellaswag", str(handmade_hellaswag)], tmp_path)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure(result)
     rows = step_rows(out)
     evaluated = [row for row in rows if "hellaswag_acc_norm" in row]
     assert [row["step"] for row in evaluated] == [1, 3] and evaluated[-1]["hellaswag_examples"] == 2
@@ -99,7 +99,7 @@ def test_the_loop_trains_like_a_plain_pytorch_loop_on_transformers_gpt2(data_dir
                          "--num_warmup_steps", str(warmup), "--learning_rate", str(peak), "--min_lr_ratio", "0.1",
                          "--weight_decay", str(weight_decay), "--max_grad_norm", str(max_grad_norm),
                          "--eval_steps", "10", "--eval_iters", "2", "--checkpointing_steps", "0"], tmp_path)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure(result)
     logged = step_rows(out)
 
     gpt2 = GPT2LMHeadModel(GPT2Config(**shape, embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0)).train()
@@ -140,10 +140,10 @@ def test_two_process_ddp_equals_one_process_with_twice_the_accumulation(optimize
     common = [*TINY_RUN, "--data_dir", str(data_dir), "--max_train_steps", "6", "--checkpointing_steps", "0",
               "--optimizer", optimizer]  # fmt: skip
     one = run_script([*TRAIN, *common, "--output_dir", str(tmp_path / "one"), "--gradient_accumulation_steps", "2"], tmp_path)
-    assert one.returncode == 0, one.stderr[-3000:]
+    assert one.returncode == 0, failure(one)
     two = run_script([*two_cpu_processes("train_accelerate.py", port), *common, "--output_dir", str(tmp_path / "two")],
                      tmp_path, ACCELERATE_USE_CPU="true")  # fmt: skip
-    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.returncode == 0, failure(two)
     assert "2 processes x 1 accumulation" in two.stdout + two.stderr
     rows = {name: step_rows(tmp_path / name) for name in ("one", "two")}
     for key in ("loss", "grad_norm"):  # (equal to the last bit here, Muon's bf16 Newton-Schulz included)
@@ -159,7 +159,7 @@ def test_sigkill_then_resume_latest_reproduces_the_uninterrupted_losses(optimize
     if optimizer == "muon":  # its own uninterrupted run (the fixture's is AdamW's)
         uninterrupted = tmp_path / "uninterrupted"
         reference = run_script(command_for(uninterrupted), tmp_path)
-        assert reference.returncode == 0, reference.stderr[-3000:]
+        assert reference.returncode == 0, failure(reference)
     out = tmp_path / "killed"
     command = command_for(out)
     process = subprocess.Popen(command, cwd=tmp_path, env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -174,7 +174,7 @@ def test_sigkill_then_resume_latest_reproduces_the_uninterrupted_losses(optimize
     shutil.copytree(out / "checkpoints" / "step_4", out / "checkpoints" / "step_8.tmp", dirs_exist_ok=True)
     (out / "checkpoints" / "step_8.tmp" / "model.safetensors").write_bytes(b"half")
     resumed = run_script([*command, "--resume_from_checkpoint", "latest"], tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, failure(resumed)
     assert "resumed from" in resumed.stdout + resumed.stderr
     loss, steps = losses(out)
     assert steps == list(range(12))
@@ -232,7 +232,7 @@ def test_two_nodes_refuse_separate_disks_and_with_a_shared_one_equal_one_node(da
     assert all(returncode == 0 for returncode, _, _ in shared), shared[0][2][-3000:] + shared[1][2][-3000:]
     one_node = run_script([*two_cpu_processes("train_accelerate.py", 29543), *common, "--output_dir", str(tmp_path / "one")],
                           tmp_path, ACCELERATE_USE_CPU="true")  # fmt: skip
-    assert one_node.returncode == 0, one_node.stderr[-3000:]
+    assert one_node.returncode == 0, failure(one_node)
     assert losses(tmp_path / "shared") == losses(tmp_path / "one")  # bitwise
     assert (tmp_path / "shared" / "checkpoints" / "step_6" / "random_states_1.pkl").exists()
 
@@ -249,14 +249,14 @@ def test_fsdp2_trains_evaluates_checkpoints_resumes_and_exports_like_ddp(data_di
     common = [*TINY_RUN, "--data_dir", str(data_dir), "--max_train_steps", "6", "--eval_steps", "3", "--eval_iters", "3",
               "--checkpointing_steps", "3"]  # fmt: skip
     sharded = run_script([*fsdp, *common, "--output_dir", str(tmp_path / "fsdp")], tmp_path, ACCELERATE_USE_CPU="true")
-    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    assert sharded.returncode == 0, failure(sharded)
     checkpoint = tmp_path / "fsdp" / "checkpoints" / "step_6"
     assert (checkpoint / "pytorch_model_fsdp_0").is_dir() and not (checkpoint / "model.safetensors").exists()  # FSDP's format
     assert sharded.stdout.count("step 3: val_loss") == 1 and "  > 'def" in sharded.stdout  # evaluated, samples printed
 
     ddp = run_script([*two_cpu_processes("train_accelerate.py", 29552), *common, "--output_dir", str(tmp_path / "ddp")],
                      tmp_path, ACCELERATE_USE_CPU="true")  # fmt: skip
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert ddp.returncode == 0, failure(ddp)
     rows = {name: step_rows(tmp_path / name) for name in ("fsdp", "ddp")}
     for key in ("loss", "grad_norm"):
         torch.testing.assert_close([r[key] for r in rows["fsdp"]], [r[key] for r in rows["ddp"]], rtol=1e-5, atol=1e-6)
@@ -300,7 +300,7 @@ def test_muon_trains_like_a_plain_loop_with_torch_muon_and_adamw(data_dir, tmp_p
                          "--gradient_accumulation_steps", str(accumulation), "--max_train_steps", str(steps),
                          "--num_warmup_steps", str(warmup), "--min_lr_ratio", "0.1", "--weight_decay", str(weight_decay),
                          "--eval_steps", "0", "--eval_iters", "2", "--checkpointing_steps", "0"], tmp_path)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure(result)
     logged = step_rows(out)
 
     model.train()
@@ -358,7 +358,7 @@ def test_muon_trains_under_compile_and_bf16_autocast(data_dir, tmp_path):
     runs = {}
     for name, extra in (("eager", []), ("compiled", ["--compile"])):
         result = run_script([*TRAIN, *common, *extra, "--output_dir", str(tmp_path / name)], tmp_path, ACCELERATE_MIXED_PRECISION="bf16")
-        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.returncode == 0, failure(result)
         assert "cpu bf16" in result.stdout + result.stderr  # autocast really on
         runs[name] = losses(tmp_path / name)[0]
     assert all(math.isfinite(loss) for loss in runs["compiled"]) and runs["compiled"][-1] < runs["compiled"][0]
@@ -392,7 +392,7 @@ def test_two_process_ddp_with_bf16_accumulation_and_compile_compiles_once(data_d
     compiled = run_script([*two_cpu_processes("train_accelerate.py", 29561, mixed_precision="bf16"), *common, "--compile",
                            "--gradient_accumulation_steps", "2", "--output_dir", str(tmp_path / "compiled")],
                           tmp_path, ACCELERATE_USE_CPU="true", TORCH_LOGS="recompiles,graph_breaks")  # fmt: skip
-    assert compiled.returncode == 0, compiled.stderr[-3000:]
+    assert compiled.returncode == 0, failure(compiled)
     output = compiled.stdout + compiled.stderr
     assert "bf16 | torch" in output and "2 processes x 2 accumulation" in output  # accelerate engaged bf16
     assert "chunked_lm_head_loss" in compiled.stderr  # dynamo ran, and met the loss it leaves eager
@@ -400,7 +400,7 @@ def test_two_process_ddp_with_bf16_accumulation_and_compile_compiles_once(data_d
     assert output.count("  > 'def") == 4  # two evaluations' samples
     eager = run_script([*TRAIN, *common, "--gradient_accumulation_steps", "4", "--output_dir", str(tmp_path / "eager")],
                        tmp_path, ACCELERATE_MIXED_PRECISION="bf16")  # fmt: skip
-    assert eager.returncode == 0, eager.stderr[-3000:]
+    assert eager.returncode == 0, failure(eager)
     assert "cpu bf16 | torch" in eager.stdout + eager.stderr
     rows = {name: step_rows(tmp_path / name) for name in ("compiled", "eager")}
     for key in ("loss", "val_loss"):
@@ -415,12 +415,12 @@ def test_fsdp2_under_bf16_trains_like_ddp_under_bf16(data_dir, tmp_path):
             "--num_processes", "2", "--main_process_port", "29591", str(REPO / "tests" / "scripts" / "fsdp_on_cpu.py")]  # fmt: skip
     common = [*TINY_RUN, "--data_dir", str(data_dir), "--max_train_steps", "4", "--eval_steps", "2", "--checkpointing_steps", "4"]
     sharded = run_script([*fsdp, *common, "--output_dir", str(tmp_path / "fsdp")], tmp_path, ACCELERATE_USE_CPU="true")
-    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    assert sharded.returncode == 0, failure(sharded)
     assert "bf16 | torch" in sharded.stdout + sharded.stderr  # the config's mixed precision, engaged
     assert (tmp_path / "fsdp" / "checkpoints" / "step_4" / "pytorch_model_fsdp_0").is_dir()  # and FSDP's own checkpoint
     ddp = run_script([*two_cpu_processes("train_accelerate.py", 29592, mixed_precision="bf16"), *common,
                       "--output_dir", str(tmp_path / "ddp")], tmp_path, ACCELERATE_USE_CPU="true")  # fmt: skip
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert ddp.returncode == 0, failure(ddp)
     rows = {name: step_rows(tmp_path / name) for name in ("fsdp", "ddp")}
     for key in ("loss", "val_loss"):
         mine, reference = ([r[key] for r in rows[name] if key in r] for name in ("fsdp", "ddp"))
