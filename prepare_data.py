@@ -21,16 +21,13 @@ import multiprocessing
 import os
 import sys
 import sysconfig
-from functools import partial
 from itertools import chain, count, islice
 from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
-import tiktoken
 from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
-from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 try:  # corpora load through it; the scripts that only read shards (training, evaluation) do without it
     import datasets
@@ -39,14 +36,8 @@ except ImportError:
 
 from atomic_writes import write_text_atomically
 from token_shards import META_FILE, ShardError, token_dtype, tokenizer_sha256, verify_shards, write_shard
+from tokenizing import EOT, MIN_BPE_VOCAB, document_encoder, load_tokenizer, train_bpe
 
-EOT = "<|endoftext|>"
-MIN_BPE_VOCAB = 257  # the 256 byte tokens every byte-level BPE has, plus EOT
-# GPT-2's pre-tokenization regex as `tokenizers` writes it (ByteLevel's own, or a Split before it), and an
-# equivalent spelling that tiktoken runs faster (5.7M against 4.8M tokens/s on one core here; tiktoken's own
-# "gpt2" pattern, r50k_pat_str, ran at 5.0M).
-TOKENIZERS_GPT2_REGEX = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 PROGRESS_FILE = "progress.json"
 TOKENIZER_DIR = "tokenizer"
 
@@ -164,87 +155,15 @@ def load_local_files(patterns):
 # --- the tokenizer ---------------------------------------------------------------------------------
 
 
-def load_tokenizer(args, corpus) -> PreTrainedTokenizerFast:
+def corpus_tokenizer(args, corpus, tokenizer_dir: Path) -> PreTrainedTokenizerFast:
+    """--tokenizer, or with --vocab_size a BPE trained on the corpus (its first 100k documents when
+    streamed); resuming, the one trained before, as BPE training is not bitwise stable."""
     if args.vocab_size is None:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-        except OSError as error:
-            raise ValueError(
-                f"cannot load tokenizer {args.tokenizer!r} ({error.__class__.__name__}); offline, pass a local "
-                f"directory (e.g. ../shared/data/gpt2-tokenizer) or --vocab_size N to train one on the corpus"
-            ) from None
-        if tokenizer.eos_token is None:
-            raise ValueError(f"tokenizer {args.tokenizer!r} has no end-of-text (eos) token to separate documents")
-        return tokenizer
-    from tokenizers import ByteLevelBPETokenizer
-
-    texts = corpus["text"] if isinstance(corpus, datasets.Dataset) else (r["text"] for r in corpus.take(100_000))
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=args.vocab_size, special_tokens=[EOT], show_progress=False)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=EOT, eos_token=EOT, unk_token=EOT)
-
-
-def tiktoken_encoding(tokenizer) -> tiktoken.Encoding | None:
-    """The tokenizer's byte-level BPE as a tiktoken `Encoding`, which encodes ~6x faster per core than
-    `tokenizers` (bench/bench_data.py), or None where tiktoken cannot reproduce it: a normalizer, a
-    pre-tokenizer other than a regex split into bytes, BPE options, or merges out of vocabulary order
-    (tiktoken merges by the merged token's rank, so ids must follow merge priority, as in GPT-2's BPE and
-    in every BPE that `tokenizers` trains)."""
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    model, steps = spec["model"], spec["pre_tokenizer"] or {"type": None}
-    steps = steps.get("pretokenizers", [steps])
-    kinds = [step["type"] for step in steps]
-    options = ("dropout", "byte_fallback", "continuing_subword_prefix", "end_of_word_suffix")
-    if spec["normalizer"] or model["type"] != "BPE" or any(model.get(option) for option in options):
-        return None
-    if kinds == ["ByteLevel"] and steps[0]["use_regex"]:
-        pattern = GPT2_PATTERN
-    elif kinds == ["Split", "ByteLevel"] and "Regex" in steps[0]["pattern"] and not steps[1]["use_regex"]:
-        if steps[0]["behavior"] != "Isolated" or steps[0]["invert"]:
-            return None
-        pattern = steps[0]["pattern"]["Regex"]
-        pattern = GPT2_PATTERN if pattern == TOKENIZERS_GPT2_REGEX else pattern
-    else:
-        return None
-    if steps[-1]["add_prefix_space"]:
-        return None
-    byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
-    special = {token["content"] for token in spec["added_tokens"]}
-    vocab = {token: id for token, id in model["vocab"].items() if token not in special}
-    if any(char not in byte_of for token in vocab for char in token):
-        return None
-    merges = [merge.split(" ") if isinstance(merge, str) else merge for merge in model["merges"]]
-    merged_ids = [vocab.get(first + second) for first, second in merges]  # a token may have several merges
-    bytes_present = sum(len(token) == 1 for token in vocab) == 256
-    in_merge_order = None not in merged_ids and all(a <= b for a, b in zip(merged_ids, merged_ids[1:]))
-    if not (bytes_present and in_merge_order and len(set(merged_ids)) == len(vocab) - 256):
-        return None
-    ranks = {bytes(byte_of[char] for char in token): id for token, id in vocab.items()}
-    return tiktoken.Encoding("bpe", pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
-
-
-def document_encoder(args, tokenizer):
-    """texts -> their token arrays, each led by end-of-text: through tiktoken where it reproduces the
-    tokenizer (unless --encoder tokenizers), else through the tokenizer."""
-    encoding = None if args.encoder == "tokenizers" else tiktoken_encoding(tokenizer)
-    if encoding is None and args.encoder == "tiktoken":
-        raise ValueError(f"tiktoken cannot reproduce tokenizer {args.tokenizer!r} (not a plain byte-level BPE with "
-                         f"merges in vocabulary order); use --encoder tokenizers")  # fmt: skip
-    return partial(encode_documents, encoder=encoding or tokenizer, eot_token_id=tokenizer.eos_token_id,
-                   dtype=token_dtype(len(tokenizer)))  # fmt: skip
-
-
-def encode_documents(texts, encoder, eot_token_id, dtype) -> list[np.ndarray]:
-    """Each document's ids, led by the end-of-text token. Text that spells a special token (a web page
-    quoting "<|endoftext|>") is encoded as the text it is, as tiktoken's `encode_ordinary` does."""
-    if isinstance(encoder, tiktoken.Encoding):
-        ids = [encoder.encode_ordinary(text) for text in texts]
-    else:
-        ids = encoder(texts, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
-    documents = [np.empty(len(doc) + 1, dtype) for doc in ids]
-    for document, doc in zip(documents, ids):
-        document[0], document[1:] = eot_token_id, doc
-    return documents
+        return load_tokenizer(args.tokenizer)
+    if (tokenizer_dir / "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(tokenizer_dir)
+    texts = corpus["text"] if isinstance(corpus, datasets.Dataset) else (row["text"] for row in corpus.take(100_000))
+    return train_bpe(texts, args.vocab_size)
 
 
 # --- tokenizing and writing ------------------------------------------------------------------------
@@ -355,13 +274,10 @@ def main(argv=None):
         if len(corpus) == 0:
             raise ValueError("the corpus is empty after dropping empty documents")
     tokenizer_dir = out / TOKENIZER_DIR
-    if args.vocab_size is not None and (tokenizer_dir / "tokenizer.json").exists():
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)  # resuming: BPE training is not bitwise stable
-    else:
-        tokenizer = load_tokenizer(args, corpus)
+    tokenizer = corpus_tokenizer(args, corpus, tokenizer_dir)
     vocab_size, eot = len(tokenizer), tokenizer.eos_token_id
     dtype = token_dtype(vocab_size)
-    encode = document_encoder(args, tokenizer)
+    encode = document_encoder(tokenizer, args.encoder)
     lengths, val_docs = None, None
     if isinstance(corpus, datasets.Dataset):  # known size: tokenize it once, in parallel
         corpus = corpus.map(**encode_options(encode), num_proc=min(args.num_proc, len(corpus)))

@@ -11,6 +11,7 @@ import pytest
 
 import prepare_data
 from token_shards import ShardError, open_shard, read_meta, verify_shards
+from tokenizing import document_encoder, tiktoken_encoding
 
 
 @pytest.fixture(scope="module")
@@ -127,23 +128,14 @@ def test_tiktoken_writes_the_shards_the_tokenizer_writes(bpe, hard_documents, to
     corpus = tmp_path / "hard.jsonl"
     corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in hard_documents))
     if bpe == "trained":  # a BPE that `tokenizers` trains here, loaded back from the directory it was saved to
-        trained = prepare_data.main(["--files", str(corpus), "--vocab_size", "2000", "--output_dir",
-                                     str(tmp_path / "trained"), "--num_proc", "1", "--encoder", "tokenizers"])  # fmt: skip
+        trained = prepare(corpus, "unused", tmp_path / "trained", "--vocab_size", "2000", "--encoder", "tokenizers")
         tokenizer_dir = trained / "tokenizer"
     outputs = {e: prepare(corpus, tokenizer_dir, tmp_path / e, "--encoder", e) for e in ("tiktoken", "tokenizers")}
     assert read_meta(outputs["tiktoken"])["shards"] == read_meta(outputs["tokenizers"])["shards"]  # sha256 included
+    if bpe == "trained":  # and so did the run that trained it, encoding with the BPE in memory
+        assert read_meta(trained)["shards"] == read_meta(outputs["tiktoken"])["shards"]
     eot = read_meta(outputs["tiktoken"])["eot_token_id"]
     assert (all_tokens(outputs["tiktoken"]) == eot).sum() == len(hard_documents)  # a quoted eot stays text
-
-
-def test_gpt2_as_tiktoken_has_openais_own_ranks(gpt2_tokenizer):
-    from tiktoken.load import load_tiktoken_bpe
-
-    from conftest import shared_file
-
-    openai = load_tiktoken_bpe(str(shared_file("gpt2-tokenizer/gpt2.tiktoken")))  # whisper's copy of GPT-2's ranks
-    encoding = prepare_data.tiktoken_encoding(gpt2_tokenizer)
-    assert {encoding.decode_single_token_bytes(rank): rank for rank in range(encoding.n_vocab)} == openai
 
 
 def test_a_bpe_tiktoken_cannot_reproduce_is_encoded_by_the_tokenizer(gpt2_tokenizer, documents, corpus_file, tmp_path):
@@ -152,7 +144,7 @@ def test_a_bpe_tiktoken_cannot_reproduce_is_encoded_by_the_tokenizer(gpt2_tokeni
     tokenizer = copy.deepcopy(gpt2_tokenizer)  # "hello" and " hello" become the same tokens: not GPT-2's rule
     tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     tokenizer.save_pretrained(tmp_path / "prefix_space")
-    assert prepare_data.tiktoken_encoding(tokenizer) is None
+    assert tiktoken_encoding(tokenizer) is None
     with pytest.raises(ValueError, match="tiktoken cannot reproduce tokenizer .*; use --encoder tokenizers"):
         prepare(corpus_file, tmp_path / "prefix_space", tmp_path / "refused", "--encoder", "tiktoken")
     assert not (tmp_path / "refused").exists()
@@ -168,9 +160,6 @@ def test_builtin_corpus_is_megabytes_of_real_english():
     docs = list(prepare_data.builtin_documents())
     assert sum(map(len, docs)) > 1_500_000
     assert any('The "if" statement is used for conditional execution' in d for d in docs)
-
-
-# --- the reader ------------------------------------------------------------------------------------
 
 
 # --- bad input -------------------------------------------------------------------------------------
@@ -198,7 +187,7 @@ def test_streamed_corpus_tokenizes_like_an_in_memory_one(corpus_file, gpt2_token
     import datasets
 
     args = prepare_data.parse_args(["--chunk_docs", "7", "--num_proc", "2"])
-    encode = prepare_data.document_encoder(args, gpt2_tokenizer)
+    encode = document_encoder(gpt2_tokenizer)
     in_memory = datasets.load_dataset("json", data_files=str(corpus_file), split="train").select_columns(["text"])
     in_memory = in_memory.map(**prepare_data.encode_options(encode))
     streamed = datasets.load_dataset("json", data_files=str(corpus_file), split="train", streaming=True)
