@@ -21,7 +21,7 @@ import multiprocessing
 import os
 import sys
 import sysconfig
-from itertools import chain, count, islice
+from itertools import chain, islice
 from pathlib import Path
 
 import numpy as np
@@ -117,7 +117,7 @@ def load_corpus(args):
     elif args.files:
         corpus = load_local_files(args.files)
     else:
-        return datasets.Dataset.from_dict({"text": list(builtin_documents())})
+        return without_empty_documents(datasets.Dataset.from_dict({"text": list(builtin_documents())}))
     columns = corpus.column_names  # None for some streamed datasets: then the first row tells
     if columns is not None and args.text_column not in columns:
         raise ValueError(f"text column {args.text_column!r} not in the corpus (columns: {', '.join(columns)})")
@@ -125,7 +125,15 @@ def load_corpus(args):
     text_type = getattr(corpus.features[args.text_column], "dtype", None) if corpus.features else "string"
     if text_type not in ("string", "large_string"):
         raise ValueError(f"column {args.text_column!r} holds {corpus.features[args.text_column]}, not text")
-    return corpus if args.text_column == "text" else corpus.rename_column(args.text_column, "text")
+    corpus = corpus if args.text_column == "text" else corpus.rename_column(args.text_column, "text")
+    return without_empty_documents(corpus) if isinstance(corpus, datasets.Dataset) else corpus
+
+
+def without_empty_documents(corpus):
+    corpus = corpus.filter(lambda batch: [bool(text and text.strip()) for text in batch["text"]], batched=True)
+    if len(corpus) == 0:
+        raise ValueError("the corpus is empty after dropping empty documents")
+    return corpus
 
 
 def load_local_files(patterns):
@@ -265,113 +273,133 @@ def settings_of(args, tokenizer, val_tokens) -> dict:
     }
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    out = args.output_dir
-    corpus = load_corpus(args)
-    if isinstance(corpus, datasets.Dataset):
-        corpus = corpus.filter(lambda batch: [bool(text and text.strip()) for text in batch["text"]], batched=True)
-        if len(corpus) == 0:
-            raise ValueError("the corpus is empty after dropping empty documents")
-    tokenizer_dir = out / TOKENIZER_DIR
-    tokenizer = corpus_tokenizer(args, corpus, tokenizer_dir)
-    vocab_size, eot = len(tokenizer), tokenizer.eos_token_id
-    dtype = token_dtype(vocab_size)
-    encode = document_encoder(tokenizer, args.encoder)
-    lengths, val_docs = None, None
-    if isinstance(corpus, datasets.Dataset):  # known size: tokenize it once, in parallel
-        corpus = corpus.map(**encode_options(encode), num_proc=min(args.num_proc, len(corpus)))
-        lengths = np.asarray(corpus["length"])
-    val_tokens = plan_val_tokens(args, lengths)
-    if lengths is not None and val_tokens and (val_docs := val_documents(lengths, val_tokens, args.val_seed)) is not None:
-        val_tokens = int(lengths[val_docs].sum())  # whole documents: the val shard ends where its last one does
-        if args.max_tokens is not None and val_tokens >= args.max_tokens:
-            raise ValueError(f"the val documents hold {val_tokens:,} tokens, --max_tokens {args.max_tokens:,} leaves none to train on")
-        train_docs = np.setdiff1d(np.arange(len(lengths)), val_docs)
-        corpus = corpus.select(np.concatenate([val_docs, train_docs]))  # written in this order: val, then train
-    settings = settings_of(args, tokenizer, val_tokens)
+class ShardWriter:
+    """Fills the shards in order (the val shard, then train shards of `shard_size`), each under a temporary
+    name then renamed, and records each finished one in `progress.json` with where its successor starts."""
 
+    def __init__(self, out: Path, progress: dict, dtype, val_tokens: int, shard_size: int):
+        self.out, self.progress, self.dtype = out, progress, dtype
+        self.val_tokens, self.shard_size = val_tokens, shard_size
+        self.start_shard()
+
+    def start_shard(self):
+        index, val_shards = len(self.progress["shards"]), 1 if self.val_tokens > 0 else 0
+        if index < val_shards:
+            self.split, self.name, capacity = "val", "val_000000.bin", self.val_tokens
+        else:
+            self.split, self.name, capacity = "train", f"train_{index - val_shards:06d}.bin", self.shard_size
+        self.buffer, self.filled = np.empty(capacity, dtype=self.dtype), 0
+
+    def add(self, ids, doc_index: int, position: int, state_before, state_after) -> int:
+        """Writes `ids[position:]`, document `doc_index`, finishing every shard it fills; returns the count.
+        A shard that ends inside the document records the stream state before it, one that ends with it after."""
+        start = position
+        while position < len(ids):
+            take = min(len(ids) - position, len(self.buffer) - self.filled)
+            self.buffer[self.filled : self.filled + take] = ids[position : position + take]
+            self.filled, position = self.filled + take, position + take
+            if self.filled == len(self.buffer):  # the next shard starts inside this document, or after it
+                inside = position < len(ids)
+                self.finish(*((doc_index, position, state_before) if inside else (doc_index + 1, 0, state_after)))
+        return position - start
+
+    def finish(self, end_doc: int, end_offset: int, stream_state):
+        """Where the next shard starts: document `end_doc`, token `end_offset`; a stream resumes at `stream_state`."""
+        sha = write_shard(self.out / self.name, self.buffer[: self.filled])
+        record = {"file": self.name, "split": self.split, "tokens": int(self.filled), "sha256": sha, "end_doc": end_doc}
+        record |= {"end_offset": int(end_offset)} | ({"stream_state": stream_state} if stream_state else {})
+        self.progress["shards"].append(record)
+        write_text_atomically(self.out / PROGRESS_FILE, json.dumps(self.progress, indent=1))
+        self.start_shard()
+
+
+def write_corpus(writer: ShardWriter, corpus, encode, args, bar):
+    """Every document from where the last finished shard ends, up to --max_tokens in all."""
+    shards = writer.progress["shards"]
+    budget = None if args.max_tokens is None else args.max_tokens - sum(s["tokens"] for s in shards)
+    last = shards[-1] if shards else {"end_doc": 0, "end_offset": 0}
+    doc_index, skip, state_before = last["end_doc"], last["end_offset"], last.get("stream_state")
+    for doc_index, (ids, state_after) in enumerate(tokenized_documents(corpus, encode, args, last), doc_index):
+        position, skip = skip, 0  # only the first document after a resume was partly written
+        taken = writer.add(ids if budget is None else ids[: position + budget], doc_index, position, state_before, state_after)
+        bar.update(taken)
+        state_before = state_after
+        if budget is not None and (budget := budget - taken) == 0:
+            break
+    if writer.filled:
+        writer.finish(doc_index + 1, 0, None)
+
+
+def split_corpus(args, corpus, encode):
+    """(corpus, val_tokens, val_docs): a corpus of known size is tokenized here, once and in parallel, and
+    reordered to be written val documents first; a streamed one is tokenized as it is written."""
+    if not isinstance(corpus, datasets.Dataset):
+        return corpus, plan_val_tokens(args, None), None
+    corpus = corpus.map(**encode_options(encode), num_proc=min(args.num_proc, len(corpus)))
+    lengths = np.asarray(corpus["length"])
+    val_tokens = plan_val_tokens(args, lengths)
+    if not val_tokens or (val_docs := val_documents(lengths, val_tokens, args.val_seed)) is None:
+        return corpus, val_tokens, None
+    val_tokens = int(lengths[val_docs].sum())  # whole documents: the val shard ends where its last one does
+    if args.max_tokens is not None and val_tokens >= args.max_tokens:
+        raise ValueError(f"the val documents hold {val_tokens:,} tokens, --max_tokens {args.max_tokens:,} leaves none to train on")
+    train_docs = np.setdiff1d(np.arange(len(lengths)), val_docs)
+    return corpus.select(np.concatenate([val_docs, train_docs])), val_tokens, val_docs
+
+
+def resumable_progress(out: Path, settings: dict, vocab_size: int) -> dict | None:
+    """What an earlier run in `out` finished (its intact shards), a fresh record, or None if it is complete."""
     progress_path = out / PROGRESS_FILE
     progress = json.loads(progress_path.read_text()) if progress_path.exists() else None
     # Compared on what the directory recorded (an older version recorded fewer settings).
     changed = [k for k in settings if progress is not None and k in progress["settings"] and progress["settings"][k] != settings[k]]
     if changed:
         raise ValueError(f"{out} holds a run with other settings ({', '.join(changed)}); use another --output_dir")
-    progress = progress or {"settings": settings, "shards": []}
     if (out / META_FILE).exists():
         verify_shards(out, json.loads((out / META_FILE).read_text()), checksums=True)
-        print(f"{out} is complete; nothing to do")
-        return out
+        return None
+    progress = progress or {"settings": settings, "shards": []}
     for shard in progress["shards"]:  # finished shards are kept only if intact
         verify_shards(out, {"shards": [shard], "vocab_size": vocab_size}, checksums=True)
+    return progress
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = args.output_dir
+    corpus = load_corpus(args)
+    tokenizer = corpus_tokenizer(args, corpus, out / TOKENIZER_DIR)
+    encode = document_encoder(tokenizer, args.encoder)
+    corpus, val_tokens, val_docs = split_corpus(args, corpus, encode)
+    settings = settings_of(args, tokenizer, val_tokens)
+    progress = resumable_progress(out, settings, len(tokenizer))
+    if progress is None:
+        print(f"{out} is complete; nothing to do")
+        return out
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(tokenizer_dir)
+    tokenizer.save_pretrained(out / TOKENIZER_DIR)
 
-    def shard_plan():
-        """(split, file, capacity) of each shard still to write: the val shard first, then train shards."""
-        val_shards = 1 if val_tokens > 0 else 0
-        for index in count(len(progress["shards"])):
-            if index < val_shards:
-                yield "val", "val_000000.bin", val_tokens
-            else:
-                yield "train", f"train_{index - val_shards:06d}.bin", args.shard_size
-
+    dtype = token_dtype(len(tokenizer))
     written = sum(s["tokens"] for s in progress["shards"])
-    budget = None if args.max_tokens is None else args.max_tokens - written
-    plan = shard_plan()
-    split, name, capacity = next(plan)
-    buffer, filled = np.empty(capacity, dtype=dtype), 0
-    bar = tqdm(total=args.max_tokens, initial=written, unit="tok", unit_scale=True, desc=f"tokenizing -> {out}")
-
-    def finish_shard(doc_index, doc_offset, stream_state):
-        nonlocal split, name, capacity, buffer, filled
-        sha = write_shard(out / name, buffer[:filled])
-        # Where the next shard starts: document end_doc, token end_offset; a stream resumes at stream_state.
-        record = {"file": name, "split": split, "tokens": int(filled), "sha256": sha, "end_doc": doc_index}
-        record |= {"end_offset": int(doc_offset)} | ({"stream_state": stream_state} if stream_state else {})
-        progress["shards"].append(record)
-        write_text_atomically(progress_path, json.dumps(progress, indent=1))
-        split, name, capacity = next(plan)
-        buffer, filled = np.empty(capacity, dtype=dtype), 0
-
-    last = progress["shards"][-1] if progress["shards"] else {"end_doc": 0, "end_offset": 0}
-    doc_index, skip, state_before = last["end_doc"], last["end_offset"], last.get("stream_state")
-    for doc_index, (ids, state_after) in enumerate(tokenized_documents(corpus, encode, args, last), doc_index):
-        position, skip = skip, 0  # only the first document after a resume was partly written
-        if budget is not None:
-            ids = ids[: position + budget]
-        while position < len(ids):
-            take = min(len(ids) - position, capacity - filled)
-            buffer[filled : filled + take] = ids[position : position + take]
-            filled, position = filled + take, position + take
-            bar.update(take)
-            if budget is not None:
-                budget -= take
-            if filled == capacity:  # the next shard starts inside this document, or after it
-                finish_shard(*((doc_index, position, state_before) if position < len(ids) else (doc_index + 1, 0, state_after)))
-        state_before = state_after
-        if budget == 0:
-            break
-    if filled:
-        finish_shard(doc_index + 1, 0, None)
-    bar.close()
-
-    if not any(s["split"] == "train" for s in progress["shards"]):
-        raise ValueError(f"the corpus yielded only {written + filled} tokens: none left for training after --val_tokens")
+    with tqdm(total=args.max_tokens, initial=written, unit="tok", unit_scale=True, desc=f"tokenizing -> {out}") as bar:
+        write_corpus(ShardWriter(out, progress, dtype, val_tokens, args.shard_size), corpus, encode, args, bar)
+    tokens = {split: sum(s["tokens"] for s in progress["shards"] if s["split"] == split) for split in ("train", "val")}
+    if not tokens["train"]:
+        raise ValueError(f"the corpus yielded only {tokens['val']:,} tokens: none left for training after --val_tokens")
     meta = {
         "format_version": 1,
         **settings,
-        "tokenizer": args.tokenizer if args.vocab_size is None else f"byte-level BPE trained here ({vocab_size})",
-        "vocab_size": vocab_size,
-        "eot_token_id": eot,
+        "tokenizer": args.tokenizer if args.vocab_size is None else f"byte-level BPE trained here ({len(tokenizer)})",
+        "vocab_size": len(tokenizer),
+        "eot_token_id": tokenizer.eos_token_id,
         "dtype": dtype.name,
-        "tokens": {s: sum(x["tokens"] for x in progress["shards"] if x["split"] == s) for s in ("train", "val")},
+        "tokens": tokens,
         "shards": [{k: v for k, v in shard.items() if k != "stream_state"} for shard in progress["shards"]],
         "val_split": {"documents": val_docs.tolist(), "seed": args.val_seed} if val_docs is not None else {"first_tokens": val_tokens},
         "python": sys.version.split()[0],
     }
     write_text_atomically(out / META_FILE, json.dumps(meta, indent=1))
-    print(f"wrote {meta['tokens']['train']:,} train and {meta['tokens']['val']:,} val tokens to {out}")
+    print(f"wrote {tokens['train']:,} train and {tokens['val']:,} val tokens to {out}")
     return out
 
 

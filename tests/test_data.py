@@ -245,6 +245,20 @@ def test_nonsense_input_ends_in_one_line_with_nothing_written(case, message, cor
         assert (sorted(p.name for p in out.iterdir()) if out.is_dir() else None) == before  # nothing written
 
 
+def test_a_stream_that_fits_in_val_is_refused_with_the_tokens_it_held(documents, gpt2_tokenizer, tokenizer_dir, tmp_path):
+    """A streamed corpus's size is known only once it is read: if the val shard takes all of it, no train
+    shard follows, and the run says how many tokens there were (and writes no meta.json)."""
+    corpus_dir = tmp_path / "corpus"
+    corpus_dir.mkdir()
+    (corpus_dir / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in documents[:5]))
+    tokens = sum(len(ids) for ids in document_encoder(gpt2_tokenizer)(documents[:5]))
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=f"the corpus yielded only {tokens:,} tokens: none left for training"):
+        prepare_data.main(["--dataset", str(corpus_dir), "--tokenizer", str(tokenizer_dir), "--val_tokens", "1e6",
+                           "--num_proc", "1", "--output_dir", str(out)])  # fmt: skip
+    assert not (out / "meta.json").exists()
+
+
 class Crash(Exception):
     pass
 
