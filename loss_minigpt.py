@@ -1,12 +1,21 @@
-"""The causal language-modelling loss: next-token cross-entropy, from logits or, in training, chunked
-straight from the hidden states and the head's weight so that the (tokens, vocabulary) logits never
-exist at once (at GPT-2's vocabulary they are half a training step's memory).
+"""The causal language-modelling loss: next-token cross-entropy, from logits or, in training, straight from
+the hidden states and the head's weight, a chunk of rows at a time, so that the (tokens, vocabulary) logits
+never exist at once (at GPT-2's vocabulary they would be half a training step's memory).
+
+The chunked loss is written to be traced: `torch.compile(model, fullgraph=True)` takes it into the same
+graph as the trunk, where the compiler fuses each chunk's softmax into a few passes over its logits.
 
 Hub remote code with modeling_minigpt.py, which imports it relatively: `save_pretrained` copies it.
 """
 
 import torch
 import torch.nn.functional as F
+
+# Logits a chunk holds: 2^27 is 2,668 rows at GPT-2's padded vocabulary (0.5 GiB of bf16 logits and their
+# gradient). Fewer, larger chunks keep each weight-gradient product compute-bound on a GPU (its fp32
+# accumulator, vocab x n_embd, is read and written once a chunk) and make fewer kernels; the chunk's memory
+# is what bounds them.
+CHUNK_LOGITS = 2**27
 
 
 def next_token_targets(labels=None, shift_labels=None):
@@ -26,45 +35,47 @@ def causal_lm_loss(logits, labels=None, shift_labels=None, num_items_in_batch=No
     return loss if num_items_in_batch is None else loss / num_items_in_batch
 
 
-class ChunkedLMHeadLoss(torch.autograd.Function):
-    """Cross-entropy of `hidden @ weight.T` without keeping vocabulary-sized tensors for backward.
+class LMHeadCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of `hidden @ weight.T` over the first `vocab_size` columns, with its gradients made in
+    the forward pass, a chunk of rows at a time, so that nothing vocabulary-sized is kept for backward.
 
-    The usual path keeps the (N, V) logits and their log-softmax, then builds a zero (N, V) gradient and
-    a (N, V) softmax gradient: at GPT-2's vocabulary that is most of the step's memory traffic. Here each
-    chunk of rows computes its logits, its loss and, at once, its gradients with respect to `hidden` and
-    `weight` (the softmax, made in place into `(softmax - onehot) / divisor`). Backward only scales them.
-    `weight` rows past `vocab_size` (padding) take no part: their gradient stays zero."""
+    Each chunk's logits use every row of `weight`, padding included, so the three matmuls keep the padded
+    (tensor-core friendly) width; the padding columns are set to -inf before the softmax, so they add nothing
+    to the loss and get an exact zero gradient. The softmax, scaled by 1 / divisor, is made in place in the
+    chunk's logits; the one-hot part of `softmax - onehot` is subtracted from the two gradients directly
+    (a row of the head for each target, and the hidden row added into the target's row of the weight
+    gradient), so no pass over the logits is spent on it. Backward only scales the gradients."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, vocab_size: int, divisor, chunk_rows: int):
-        # The matmuls run in autocast's dtype (bf16) when it is on. The head is cast once, not in every chunk;
-        # the weight-gradient update is a product then a sum, because autocast leaves in-place ops
-        # (`addmm_`) in fp32, which on a GPU is TF32 at half bf16's speed.
+        # The matmuls run in autocast's dtype (bf16) when it is on, the softmax in fp32. The head is cast once.
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-        head = weight[:vocab_size].to(dtype)
+        head = weight.to(dtype)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32)  # summed over the chunks in fp32
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk_rows):
-            h, t = hidden[start : start + chunk_rows].to(dtype), targets[start : start + chunk_rows]
-            scored = (t != -100).unsqueeze(1).float()
-            t = t.clamp(min=0).unsqueeze(1)
+        # Counting the chunks (not stepping through the rows) makes a compiled graph depend on the count alone:
+        # under dynamic shapes, every length with the same number of chunks runs the same graph.
+        for chunk in range(-(-hidden.shape[0] // chunk_rows)):
+            rows = slice(chunk * chunk_rows, (chunk + 1) * chunk_rows)
+            h, t = hidden[rows].to(dtype), targets[rows]
+            scale = ((t != -100) / divisor).unsqueeze(1)  # (rows, 1): 0 for ignored positions
+            t = t.clamp(min=0)
             logits = (h @ head.t()).float()
-            target_logits = logits.gather(1, t)
+            if head.shape[0] > vocab_size:
+                logits[:, vocab_size:] = float("-inf")
+            target_logits = logits.gather(1, t.unsqueeze(1))
             row_max = logits.amax(dim=1, keepdim=True)
             probs = logits.sub_(row_max).exp_()  # in place: no second (rows, V) tensor
             row_sum = probs.sum(dim=1, keepdim=True)
-            total += ((row_max + row_sum.log() - target_logits) * scored).sum()
-            grad_logits = probs.mul_(scored / (row_sum * divisor))  # softmax / divisor, unscored rows zero
-            grad_logits = grad_logits.scatter_add_(1, t, -scored / divisor).to(dtype)
-            grad_hidden[start : start + chunk_rows] = grad_logits @ head
-            if dtype == torch.float32:
-                grad_weight[:vocab_size].addmm_(grad_logits.t(), h)
-            else:
-                grad_weight[:vocab_size] += grad_logits.t() @ h
+            total += ((row_max + row_sum.log() - target_logits) * scale).sum()
+            probs = probs.mul_(scale / row_sum).to(dtype)  # softmax / divisor; ignored rows zero
+            grad_hidden[rows] = probs @ head - head[t] * scale.to(dtype)
+            grad_weight = add_product(grad_weight, probs.t(), h)
+            grad_weight.index_add_(0, t, h.float() * -scale)
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
-        return total / divisor
+        return total
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -72,20 +83,24 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
         return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None, None
 
 
-@torch.compiler.disable  # compiled, the chunk loop would unroll; the compiler gets the trunk, this stays eager
-def chunked_lm_head_loss(
-    hidden, weight, vocab_size, labels=None, shift_labels=None, num_items_in_batch=None, chunk_logits=None
-):
-    """The loss `causal_lm_loss` computes from `hidden @ weight.T`, without materializing the logits.
+def add_product(accumulator, a, b):
+    """`accumulator + a @ b`, summed in the accumulator's fp32. cuBLAS writes the fp32 sum of a bf16 product
+    in one call (`out_dtype`); no kernel elsewhere does, so there the product is made in bf16 and added.
+    (Autocast leaves this call alone: an fp32 `addmm_` of bf16 operands would be TF32, half bf16's speed.)"""
+    if a.dtype == accumulator.dtype:
+        return accumulator.addmm_(a, b)
+    if a.is_cuda:
+        return torch.addmm(accumulator, a, b, out_dtype=accumulator.dtype)
+    return accumulator.add_(a @ b)
 
-    Chunks of about `chunk_logits` logits bound the extra memory. By default a chunk holds as many logits
-    as `hidden` has elements (Liger-Kernel's rule: the loss then needs no more memory than its input), and
-    at least 2^24 (64 MiB in fp32). Large batches thus get chunks of hundreds of rows or more, and each
-    chunk's (vocab, n_embd) weight-gradient update is spread over enough rows to stay compute-bound."""
+
+def chunked_lm_head_loss(
+    hidden, weight, vocab_size, labels=None, shift_labels=None, num_items_in_batch=None, chunk_logits=CHUNK_LOGITS
+):
+    """The loss `causal_lm_loss` computes from `hidden @ weight[:vocab_size].T`, without materializing the
+    logits: chunks of `chunk_logits // len(weight)` rows."""
     targets = next_token_targets(labels, shift_labels).to(hidden.device).flatten()
     hidden = hidden.flatten(0, 1)
     divisor = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
-    if chunk_logits is None:
-        chunk_logits = max(2**24, hidden.numel())
     chunk_rows = max(1, chunk_logits // weight.shape[0])
-    return ChunkedLMHeadLoss.apply(hidden, weight, targets, vocab_size, divisor, chunk_rows)
+    return LMHeadCrossEntropy.apply(hidden, weight, targets, vocab_size, divisor, chunk_rows)

@@ -228,43 +228,113 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     torch.testing.assert_close(grads[0], grads[1])
 
 
-def test_compiles_with_the_loss_left_eager_and_matches_eager():
-    """Inference compiles whole; training breaks the graph once, on purpose, where the chunked loss starts."""
-    model = tiny_model().train()
-    x = torch.randint(0, VOCAB, (2, 16))
-    explanation = torch._dynamo.explain(model)(x, labels=x)
-    (reason,) = explanation.break_reasons  # the trunk is one graph; after the loss, no tensor work is left
-    assert explanation.graph_count == 1 and "torch.compiler.disable" in reason.reason, reason
-    eager = model(x, labels=x).loss
-    compiled = torch.compile(model, backend="aot_eager")(x, labels=x).loss
-    torch.testing.assert_close(compiled, eager)
-    with torch.no_grad():
+def test_training_compiles_to_one_graph_with_the_loss_for_every_length():
+    """The training step, loss included, is one graph (`fullgraph=True`: a break raises) that serves every
+    sequence length (`dynamic=True`: no recompiles), and inductor's loss and gradients equal eager's."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    model = tiny_model(pad_vocab_size_multiple=64).train()
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=True)
+    graphs = []
+    for length in (8, 13, 21):
+        x = torch.randint(0, VOCAB, (2, length), generator=torch.Generator().manual_seed(length))
+        labels = x.clone()
+        labels[0, :3] = -100
+        results = []
+        for run in (model, compiled):
+            model.zero_grad()
+            loss = run(x, labels=labels).loss
+            loss.backward()
+            results.append((loss, *(p.grad.clone() for p in model.parameters())))
+        for eager, fused in zip(*results):
+            torch.testing.assert_close(fused, eager, atol=1e-5, rtol=1e-4)
+        graphs.append(counter.frame_count)
+    assert graphs[0] == graphs[-1]  # what the first length compiled serves every length
+    with torch.no_grad():  # inference compiles whole too
         model.eval()
         torch.testing.assert_close(torch.compile(model, backend="aot_eager", fullgraph=True)(x).logits, model(x).logits)
 
 
-def test_training_returns_no_logits_and_no_graph_holds_them(monkeypatch):
-    """GPT-2 124M at 64 x 1024: the (B, T, V) logits are 6.1 GiB in bf16, 12.3 GiB once accelerate's mixed
-    precision converts the outputs to fp32. Training with labels returns none, eager or compiled, and what
-    the compiler gets (the trunk) produces no vocabulary-sized tensor."""
-    model = tiny_model(pad_vocab_size_multiple=64).train()
-    padded = model.config.padded_vocab_size
-    x = torch.randint(0, VOCAB, (2, 16))
-    graphs = []
+def forward_and_backward_graphs(model, *args, **kwargs):
+    """The aot_autograd forward and backward graphs of a compiled call, and the tensors the forward saves
+    for backward (its outputs past the model's own)."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
 
-    def capture(graph, example_inputs):
+    graphs, saved = [], []
+
+    def partition(joint, inputs, **options):
+        forward, backward = min_cut_rematerialization_partition(joint, inputs, **options)
+        saved.extend(forward.graph.output_node().args[0][options["num_fwd_outputs"] :])
+        return forward, backward
+
+    def keep(graph, _):
         graphs.append(graph)
-        return graph.forward
+        return make_boxed_func(graph.forward)
 
     torch._dynamo.reset()
-    for run in (model, torch.compile(model, backend=capture)):
-        out = run(x, labels=x)
-        assert out.logits is None and out.loss.requires_grad
-    shapes = [node.meta["example_value"].shape for graph in graphs for node in graph.graph.nodes
-              if isinstance(node.meta.get("example_value"), torch.Tensor)]  # fmt: skip
-    assert shapes and not [shape for shape in shapes if shape[-1] in (VOCAB, padded)]
+    out = torch.compile(model, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep, partition_fn=partition),
+                        fullgraph=True)(*args, **kwargs)  # fmt: skip
+    out.loss.backward()
+    torch._dynamo.reset()
+    return out, graphs, [node.meta["val"] for node in saved if isinstance(node.meta.get("val"), torch.Tensor)]
+
+
+def test_training_returns_no_logits_and_keeps_none_for_backward():
+    """GPT-2 124M at 64 x 1024: the (B, T, V) logits are 6.1 GiB in bf16, 12.3 GiB once accelerate's mixed
+    precision converts the outputs to fp32. Training with labels returns none, eager or compiled, and the
+    compiled step saves nothing of (tokens, vocabulary) size for backward: each chunk's logits live and die
+    inside the forward."""
+    model = tiny_model(pad_vocab_size_multiple=64).train()
+    x = torch.randint(0, VOCAB, (4, 64))  # more tokens than n_embd, as in any real batch
+    assert model(x, labels=x).logits is None
+    out, graphs, saved = forward_and_backward_graphs(model, x, labels=x)
+    assert out.logits is None and len(graphs) == 2 and saved
+    shapes = [tuple(t.shape) for t in saved]
+    assert not [s for s in shapes if x.numel() in s and 1024 in s], shapes
     with torch.no_grad():  # evaluation keeps its logits
-        assert model(x, labels=x).logits.shape == (2, 16, VOCAB)
+        assert model(x, labels=x).logits.shape == (4, 64, VOCAB)
+
+
+class MatmulShapes(TorchDispatchMode):
+    """Records the operand shapes of every matrix product."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+            self.seen.append(tuple(tuple(t.shape) for t in args if isinstance(t, torch.Tensor)))
+        return func(*args, **(kwargs or {}))
+
+
+def test_every_lm_head_matmul_is_padded_width_and_padding_rows_get_zero_gradient():
+    """GPT-2's 50,257 tokens padded to 50,304 = 64 x 786: the head's three matmuls (logits, and the two
+    gradients) must all run at the padded width, which tensor cores take in aligned tiles, eager and
+    compiled. The padding rows' gradient is exactly zero."""
+    torch.manual_seed(0)
+    model = MiniGPTForCausalLM(MiniGPTConfig(**{**TINY, "vocab_size": 50257}, pad_vocab_size_multiple=64)).train()
+    x = torch.randint(0, 50257, (2, 16))
+    with MatmulShapes() as spy:
+        model(x, labels=x).loss.backward()
+    head = [shapes for shapes in spy.seen if any(50257 in s or 50304 in s for s in shapes)]
+    assert len(head) == 3 and all(any(50304 in s for s in shapes) for shapes in head), head
+    assert not [shapes for shapes in head if any(50257 in s for s in shapes)]
+    grad = model.lm_head.weight.grad
+    assert torch.all(grad[50257:] == 0) and grad[:50257].abs().max() > 0
+
+    model.zero_grad()
+    _, graphs, _ = forward_and_backward_graphs(model, x, labels=x)
+    products = [[tuple(arg.meta["val"].shape) for arg in node.args if isinstance(arg, torch.fx.Node)]
+                for graph in graphs for node in graph.graph.nodes
+                if node.op == "call_function" and node.target in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)]  # fmt: skip
+    head = [shapes for shapes in products if any(50257 in s or 50304 in s for s in shapes)]
+    assert len(head) == 3 and not [shapes for shapes in head if any(50257 in s for s in shapes)], products
+    assert torch.all(model.lm_head.weight.grad[50257:] == 0)
 
 
 class MatmulDtypes(TorchDispatchMode):

@@ -73,27 +73,6 @@ def test_hidden_states_attentions_and_tuples_equal_gpt2(gpt2_and_ours):
     torch.testing.assert_close(mine_tuple[1], theirs_tuple[1], atol=1e-5, rtol=0)
 
 
-def test_training_compiles_once_for_changing_lengths_with_only_the_loss_outside():
-    """The chunked loss stays out of the graph on purpose (its loop would unroll): one break, no recompiles."""
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    torch.manual_seed(0)
-    model = MiniGPTForCausalLM.from_gpt2(GPT2LMHeadModel(GPT2Config(**TINY, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))).train()
-    torch._dynamo.reset()
-    counter = CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(model, backend=counter, dynamic=True)
-    batches = [torch.randint(0, VOCAB, (2, n), generator=torch.Generator().manual_seed(n)) for n in (16, 24, 40)]
-    graphs = []
-    for x in batches:
-        torch.testing.assert_close(compiled(x, labels=x).loss, model(x, labels=x).loss)
-        graphs.append(counter.frame_count)
-    assert graphs[0] == graphs[-1]  # what the first length compiled serves every length: no recompiles
-    for x in batches:
-        explanation = torch._dynamo.explain(model)(x, labels=x)
-        (reason,) = explanation.break_reasons
-        assert explanation.graph_count == 1 and "torch.compiler.disable" in reason.reason, reason
-
-
 def test_compiled_generation_with_dynamic_and_static_caches_equals_eager(gpt2_and_ours):
     from torch._dynamo.testing import CompileCounterWithBackend
 
