@@ -8,16 +8,23 @@ optimizer state, activations, temporaries. Then, per process:
 - compiled: the compiler saves other activations for backward than eager does. Both sets are read off the
   forward graph aot_autograd partitions, with inductor's decompositions: its min-cut partitioner (what
   inductor saves) against the default one (everything eager would keep), and the difference is applied;
-- DDP adds its gradient buckets (a copy of the gradients, in their dtype);
+- DDP adds nothing: the training script keeps the gradients in DDP's buckets (`gradient_as_bucket_view`),
+  which would otherwise be a second copy of them;
 - FSDP over N processes keeps 1/N of parameters, gradients and optimizer state, and gathers, at a time, the
   root's parameters and two blocks' (the one running and the one prefetched) in bf16, with their gradients.
 
 `bench/bench_memory.py` prints the table; `fit_micro_batch` gives `train_accelerate.py` its micro-batch
-(`--per_device_train_batch_size auto`: the largest that fits the device with `MARGIN` to spare).
+(`--per_device_train_batch_size auto`: the largest that fits the device, the estimate's error and `MARGIN`
+allowed for) and checks an explicit one, each estimate kept in a cache so that a second start (a resume)
+makes none.
 """
 
 import functools
+import hashlib
 import json
+import os
+import time
+from pathlib import Path
 
 import torch
 from accelerate import DistributedType
@@ -28,12 +35,17 @@ from torch._inductor.decomposition import select_decomp_table
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
 
+from atomic_writes import write_text_atomically
 from configuration_minigpt import MiniGPTConfig
 from modeling_minigpt import MiniGPTForCausalLM
 
 GiB = 2**30
 MARGIN = 0.10  # of the device's free memory, left for the CUDA context, NCCL, and the allocator's fragmentation
+# The estimate read 0.83-0.89x of the peaks measured on CPU (bench/bench_memory.py --check): a step is taken to
+# need the estimate / 0.83, so that the worst measured error still fits.
+ESTIMATE_ERROR = 1 / 0.83
 STRATEGIES = ("single", "ddp", "fsdp")
+PROBE_WINDOWS = 8  # the batch the compiled partition is traced at (see compiled_change_per_window)
 
 
 def estimate_peak_bytes(config: MiniGPTConfig, batch_size: int, seq_len: int, compiled=False, strategy="single",
@@ -46,7 +58,7 @@ def step_memory(config, batch_size, seq_len, compiled=False, autocast=torch.bflo
     """One process's step on one device: MemTracker's peak by kind, its "Total", and with `compiled` the
     "compiled_change" of the activations saved for backward. Feeds `per_process` for every strategy."""
     memory = tracked_peak(config, batch_size, seq_len, autocast)
-    if compiled:  # what is saved for backward grows with the batch, window for window: traced at one window
+    if compiled:
         memory["compiled_change"] = batch_size * compiled_change_per_window(config.to_json_string(), seq_len, autocast)
     memory["gathered_parameters"] = gathered_parameters(config)
     return memory
@@ -56,9 +68,7 @@ def per_process(memory: dict, compiled: bool, strategy: str, world_size: int) ->
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     total = memory["Total"] + (memory["compiled_change"] if compiled else 0)
-    if strategy == "ddp":
-        total += memory["Parameter"]  # the buckets: gradients are copied into them for the all-reduce
-    elif strategy == "fsdp":
+    if strategy == "fsdp":
         sharded = memory["Parameter"] + memory["Gradient"] + memory["Optstate"]
         total += sharded // world_size - sharded + memory["gathered_parameters"] * (2 + 4)  # bf16, fp32 gradients
     return int(total)
@@ -85,11 +95,15 @@ def tracked_peak(config, batch_size, seq_len, autocast) -> dict[str, int]:
 
 
 @functools.cache
-def compiled_change_per_window(config_json: str, seq_len: int, autocast) -> int:
+def compiled_change_per_window(config_json: str, seq_len: int, autocast) -> float:
+    """What the compiled step saves for backward beyond eager, per window, traced at PROBE_WINDOWS windows.
+    The trunk's share grows window for window; the loss's does not, but at several windows both partitions
+    keep the same for it (its two gradients), where at one window min-cut keeps the last chunk's smaller
+    softmax instead and recomputes the rest, which would scale into a large false saving."""
     config = MiniGPTConfig(**json.loads(config_json))
-    eager, fused = (saved_for_backward(config, 1, seq_len, autocast, partition)
+    eager, fused = (saved_for_backward(config, PROBE_WINDOWS, seq_len, autocast, partition)
                     for partition in (default_partition, min_cut_rematerialization_partition))  # fmt: skip
-    return fused - eager
+    return (fused - eager) / PROBE_WINDOWS
 
 
 def saved_for_backward(config, batch_size, seq_len, autocast, partition) -> int:
@@ -136,15 +150,70 @@ def gathered_parameters(config) -> int:
     return V * C + P * C + 2 * C + 2 * block
 
 
-def largest_micro_batch(config, seq_len, budget_bytes, compiled=False, strategy="single", world_size=1,
-                        autocast=torch.bfloat16) -> tuple[int, int]:  # fmt: skip
-    """The largest micro-batch whose estimate fits `budget_bytes`, with that estimate; (0, the estimate at 1)
-    if none does. The line through the estimates at 1 and 2 gives the first guess (memory grows about
-    linearly in the batch, a little faster once the loss's chunks grow with it); bisecting between what
-    fits and what does not settles it, in a handful of estimates."""
-    def estimate(batch):
-        return estimate_peak_bytes(config, batch, seq_len, compiled, strategy, world_size, autocast)
+class Estimates:
+    """Estimated peaks of one setup (model, window, compiled, strategy, processes, autocast) by micro-batch,
+    counted, and cached on disk ($XDG_CACHE_HOME/minigpt/memory_estimates.json), keyed by the setup, the torch
+    release and the source of the model and of this estimator, so that a second start (a resume) estimates
+    nothing. Only the node's first process writes the cache."""
 
+    def __init__(self, config, seq_len, compiled=False, strategy="single", world_size=1, autocast=torch.bfloat16,
+                 write_cache=True):  # fmt: skip
+        self.setup = (config, seq_len, compiled, strategy, world_size, autocast)
+        sources = [Path(__file__).with_name(name).read_bytes() for name in SOURCES]
+        self.key = hashlib.sha256(repr((config.to_json_string(), *self.setup[1:], torch.__version__, sources)).encode()).hexdigest()
+        self.path = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "minigpt" / "memory_estimates.json"
+        self.write_cache = write_cache
+        self.made, self.seconds = 0, 0.0  # estimates made here, and their time
+
+    def __call__(self, batch: int) -> int:
+        cache = self.read()
+        if str(batch) not in cache.get(self.key, {}):
+            started = time.perf_counter()
+            peak = estimate_peak_bytes(self.setup[0], batch, *self.setup[1:])
+            self.made, self.seconds = self.made + 1, self.seconds + time.perf_counter() - started
+            if not self.write_cache:
+                return peak
+            cache.setdefault(self.key, {})[str(batch)] = peak
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomically(self.path, json.dumps(cache))
+        return cache[self.key][str(batch)]
+
+    def read(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):  # none yet, or unreadable: estimated afresh
+            return {}
+
+
+SOURCES = ("memory_estimate.py", "modeling_minigpt.py", "loss_minigpt.py", "configuration_minigpt.py")
+
+
+def largest_divisor_that_fits(estimate, budget_bytes, windows: int) -> int:
+    """The largest divisor of `windows` (a step's windows per process) whose estimate fits, 0 if none does,
+    tried from the largest down. Memory grows about linearly in the batch, so when the first two do not fit,
+    the line through their estimates names the largest divisor predicted to fit, which is estimated next:
+    usually three estimates in all."""
+    candidates = [b for b in range(windows, 0, -1) if windows % b == 0]
+    peaks = {}
+    for batch in candidates[:2]:
+        peaks[batch] = estimate(batch)
+        if peaks[batch] <= budget_bytes:
+            return batch
+    if len(candidates) < 3:
+        return 0
+    first, second = candidates[:2]
+    slope = (peaks[first] - peaks[second]) / (first - second)
+    predicted = second - (peaks[second] - budget_bytes) / max(slope, 1)
+    for batch in candidates[2:]:
+        if batch <= predicted and estimate(batch) <= budget_bytes:
+            return batch
+    return 0
+
+
+def largest_that_fits(estimate, budget_bytes) -> int:
+    """The largest micro-batch whose estimate fits, 0 if none does. The line through the estimates at 1 and 2
+    gives the first guess (memory grows about linearly in the batch, a little faster once the loss's chunks
+    grow with it); bisecting between what fits and what does not settles it, in a handful of estimates."""
     peaks = {1: estimate(1), 2: estimate(2)}
     fits = max((batch for batch, peak in peaks.items() if peak <= budget_bytes), default=0)
     too_big = min((batch for batch, peak in peaks.items() if peak > budget_bytes), default=None)
@@ -154,14 +223,19 @@ def largest_micro_batch(config, seq_len, budget_bytes, compiled=False, strategy=
         fits, too_big = (probe, too_big) if peaks[probe] <= budget_bytes else (fits, probe)
         upper = too_big if too_big is not None else 2 * fits
         probe = (fits + upper) // 2 if upper - fits > 1 else None
-    return (fits, peaks[fits]) if fits else (0, peaks[1])
+    return fits
+
+
+def usable_bytes(free_bytes: float) -> float:
+    """What a step's estimate may reach on a device with `free_bytes` free: MARGIN kept, the estimate's error allowed."""
+    return (1 - MARGIN) * free_bytes / ESTIMATE_ERROR
 
 
 def fit_micro_batch(args, config, seq_len, accelerator) -> int:
-    """The micro-batch to train with. `auto`: the largest whose estimated peak (memory_estimate.py) fits the
-    device with MARGIN to spare, and that divides the windows of `--total_batch_size`. An explicit one whose
-    estimate does not fit is refused, naming the largest that does. Unchecked where the device's memory is
-    unknown (CPU without --device_memory_gib)."""
+    """The micro-batch to train with. `auto`: the largest whose estimated peak (above) fits the device, and that
+    divides the windows of `--total_batch_size`. An explicit one whose estimate does not fit is refused,
+    naming the largest that does. Unchecked where the device's memory is unknown (CPU without
+    --device_memory_gib)."""
     free = args.device_memory_gib * GiB if args.device_memory_gib else None
     if free is None and accelerator.device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(accelerator.device)
@@ -169,26 +243,31 @@ def fit_micro_batch(args, config, seq_len, accelerator) -> int:
         if args.per_device_train_batch_size == "auto":
             raise ValueError("--per_device_train_batch_size auto needs the device's memory: on CPU pass --device_memory_gib")
         return args.per_device_train_batch_size
-    budget = (1 - MARGIN) * free
+    budget = usable_bytes(free)
     world = accelerator.num_processes
     strategy = {DistributedType.FSDP: "fsdp", DistributedType.NO: "single"}.get(accelerator.distributed_type, "ddp")
     autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
-    where = f"{free / GiB:.1f} GiB free less {MARGIN:.0%}, {strategy} over {world}, {'compiled' if args.compile else 'eager'}"
-    if args.per_device_train_batch_size != "auto":
-        peak = estimate_peak_bytes(config, args.per_device_train_batch_size, seq_len, args.compile, strategy, world, autocast)
-        if peak > budget:
-            largest, _ = largest_micro_batch(config, seq_len, budget, args.compile, strategy, world, autocast)
-            raise ValueError(f"--per_device_train_batch_size {args.per_device_train_batch_size} needs an estimated "
-                             f"{peak / GiB:.1f} GiB a device, more than fits ({where}): the largest that fits is "
-                             f"{largest} (or pass auto)")  # fmt: skip
-        return args.per_device_train_batch_size
-    largest, peak = largest_micro_batch(config, seq_len, budget, args.compile, strategy, world, autocast)
+    estimate = Estimates(config, seq_len, args.compile, strategy, world, autocast, accelerator.is_local_main_process)
+    where = (f"{free / GiB:.1f} GiB free, less {MARGIN:.0%}, for {ESTIMATE_ERROR:.2f}x the estimate; {strategy} over "
+             f"{world}, {'compiled' if args.compile else 'eager'}")  # fmt: skip
+    windows = None
     if args.total_batch_size is not None and args.total_batch_size % (seq_len * world) == 0:
         windows = args.total_batch_size // (seq_len * world)  # per process per optimizer step
-        largest = max((b for b in range(1, min(largest, windows) + 1) if windows % b == 0), default=0)
-        peak = estimate_peak_bytes(config, largest, seq_len, args.compile, strategy, world, autocast) if largest else peak
-    if largest == 0:
+
+    def largest():
+        return largest_divisor_that_fits(estimate, budget, windows) if windows else largest_that_fits(estimate, budget)
+
+    if args.per_device_train_batch_size != "auto":
+        peak = estimate(args.per_device_train_batch_size)
+        if peak > budget:
+            raise ValueError(f"--per_device_train_batch_size {args.per_device_train_batch_size} needs an estimated "
+                             f"{peak / GiB:.1f} GiB a device, more than fits ({where}): the largest that fits is "
+                             f"{largest()} (or pass auto)")  # fmt: skip
+        return args.per_device_train_batch_size
+    batch = largest()
+    if batch == 0:
         raise ValueError(f"not even one window of {seq_len} tokens fits ({where}; it needs an estimated "
-                         f"{peak / GiB:.1f} GiB): shard the model (FSDP), or shorten --seq_len")  # fmt: skip
-    accelerator.print(f"micro-batch auto: {largest} windows, an estimated {peak / GiB:.1f} GiB a device ({where})")
-    return largest
+                         f"{estimate(1) / GiB:.1f} GiB): shard the model (FSDP), or shorten --seq_len")  # fmt: skip
+    accelerator.print(f"micro-batch auto: {batch} windows, an estimated {estimate(batch) / GiB:.1f} GiB a device "
+                      f"({where}; {estimate.made} estimates made, {estimate.seconds:.0f} s)")  # fmt: skip
+    return batch

@@ -15,9 +15,10 @@ import transformers
 from atomic_writes import write_text_atomically
 
 GPT2_124M_HELLASWAG = 0.2955  # completion-style acc_norm, full val split (build-nanogpt / llm.c)
-# Dense bf16 peak per GPU, by what torch.cuda.get_device_name says: the first match counts, so the H100's
-# PCIe and NVL boards (lower clocks and power) come before the SXM part ("NVIDIA H100 80GB HBM3").
-PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12)]
+# Dense bf16 peak per GPU, by what torch.cuda.get_device_name says: the first match counts, so the PCIe and NVL
+# boards (lower clocks and power) come before the SXM parts ("NVIDIA H100 80GB HBM3", "NVIDIA H200").
+PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200 NVL", 835e12), ("H200", 989e12),
+                   ("A100", 312e12)]  # fmt: skip
 
 
 def model_flops_per_token(config, seq_len: int) -> float:

@@ -13,7 +13,9 @@ process's RNG, the step and the data position, so a resumed run continues exactl
 """
 
 import argparse
+import contextlib
 import math
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -21,7 +23,9 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DistributedType
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from torch.distributed.tensor import DTensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoTokenizer
 
 from checkpoints import (check_same_model, check_shared_filesystem, checkpoint_candidates, load_checkpoint,
@@ -37,6 +41,13 @@ from token_shards import ShardedTokens, read_meta, verify_shards
 from validation import check_same_tokenizer, check_seq_len, check_val_windows, val_loss
 
 OPENAI_GPT2 = {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"}  # `--model` names for OpenAI's weights
+# DDP keeps the gradients in its all-reduce buckets instead of copying them there (one copy of the gradients
+# less: 0.5 GB at 124M), in buckets of 100 MB: five all-reduces a step at 124M instead of DDP's default twenty.
+DDP = DistributedDataParallelKwargs(gradient_as_bucket_view=True, bucket_cap_mb=100)
+# On Hopper, cuDNN's fused attention trains 1.7-2.3x faster than the FlashAttention-2 kernels SDPA tries first,
+# at the same accuracy, and is slower on Ampere and Blackwell (transformers #48163, measured on six GPUs).
+# A priority, not a restriction: a shape cuDNN cannot take falls back to flash. bench/gpu_check.sh times both.
+HOPPER_ATTENTION = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def parse_args(argv=None):
@@ -207,7 +218,7 @@ class Run:
     model: torch.nn.Module  # prepared (DDP/FSDP-wrapped): evaluation, checkpoints and export use it
     train_model: torch.nn.Module  # the same, compiled under --compile
     optimizers: list[torch.optim.Optimizer]
-    batches: ShardedTokens
+    batches: "DeviceBatches"
     tokenizer: object
     hellaswag: list | None
     metrics: MetricsLog | None  # on the main process only
@@ -217,6 +228,7 @@ class Run:
     tokens_per_step: int
     flops_per_step: float
     peak_flops: float | None
+    attention: list | None  # SDPA's backends in order of preference, or None: its own order
 
     @property
     def unwrapped(self) -> MiniGPTForCausalLM:
@@ -226,7 +238,8 @@ class Run:
 def setup(args) -> Run:
     """Every check runs before the first step and before anything is written; then the model, optimizers
     and data are prepared, and a checkpoint, when asked for, is loaded."""
-    accelerator = Accelerator(log_with=args.report_to if args.with_tracking else None, project_dir=args.output_dir)
+    accelerator = Accelerator(log_with=args.report_to if args.with_tracking else None, project_dir=args.output_dir,
+                              kwargs_handlers=[DDP])  # fmt: skip
     set_seed(args.seed)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     check_run_args(args, accelerator)
@@ -255,6 +268,7 @@ def setup(args) -> Run:
     model, *optimizers = accelerator.prepare(model, *configure_optimizers(model, args, accelerator.device.type))
     accelerator.register_save_state_pre_hook(save_tied_head_once)
     start_step = resume(accelerator, candidates, batches, args.max_train_steps) if candidates else 0
+    attention = attention_backends(accelerator.device)
     tokens_per_step = (args.per_device_train_batch_size * seq_len * accelerator.num_processes
                        * accelerator.gradient_accumulation_steps)  # fmt: skip
     run_record = {"args": vars(args), "config": config.to_dict(), "machine": machine(), "start_step": start_step,
@@ -267,13 +281,31 @@ def setup(args) -> Run:
         f"{accelerator.unwrap_model(model).num_parameters():,} parameters | {tokens_per_step:,} tokens/step = "
         f"{args.per_device_train_batch_size} x {seq_len} x {accelerator.num_processes} processes x "
         f"{accelerator.gradient_accumulation_steps} accumulation | {accelerator.device} {accelerator.mixed_precision} "
-        f"| torch {torch.__version__}"
+        f"| torch {torch.__version__}{engaged(model, attention)}"
     )
     return Run(args=args, accelerator=accelerator, model=model, train_model=torch.compile(model) if args.compile else model,
-               optimizers=optimizers, batches=batches, tokenizer=tokenizer, hellaswag=hellaswag, metrics=metrics,
-               lock=lock, seq_len=seq_len, start_step=start_step, tokens_per_step=tokens_per_step,
-               flops_per_step=model_flops_per_token(config, seq_len) * tokens_per_step,
-               peak_flops=device_peak_flops(accelerator.device))  # fmt: skip
+               optimizers=optimizers, batches=DeviceBatches(batches, accelerator.device), tokenizer=tokenizer,
+               hellaswag=hellaswag, metrics=metrics, lock=lock, seq_len=seq_len, start_step=start_step,
+               tokens_per_step=tokens_per_step, flops_per_step=model_flops_per_token(config, seq_len) * tokens_per_step,
+               peak_flops=device_peak_flops(accelerator.device), attention=attention)  # fmt: skip
+
+
+def attention_backends(device) -> list | None:
+    """SDPA's backends in the order training prefers them on this device: cuDNN first on Hopper (sm90)."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9:
+        return HOPPER_ATTENTION
+    return None
+
+
+def engaged(model, attention) -> str:
+    """What the prepared model really runs with, read off it, for the start line."""
+    parts = []
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        parts.append(f"DDP buckets {model.bucket_bytes_cap / 2**20:.0f} MiB"
+                     + (", gradients in them" if model.gradient_as_bucket_view else ""))  # fmt: skip
+    if attention:
+        parts.append("attention: " + " > ".join(backend.name.lower() for backend in attention))
+    return "".join(f" | {part}" for part in parts)
 
 
 def check_run_args(args, accelerator):
@@ -308,27 +340,64 @@ def resume(accelerator, candidates, batches, max_train_steps) -> int:
 
 def train(run: Run) -> tuple[dict, dict]:
     """The loop: an optimizer step, its log line and metrics row, evaluation and checkpoints on their
-    schedules. Returns the last step's row and the last evaluation."""
+    schedules. Returns the last step's row and the last evaluation.
+
+    Nothing in a step waits for the GPU: a step's loss and norm are read once the next step is queued, so its
+    line and row come one step late, and the GPU always has work. A step that is evaluated or checkpointed is
+    read at once: a non-finite loss must stop the run before either."""
     args, accelerator = run.args, run.accelerator
-    row, evaluation = {}, {}
+    row, evaluation, unread, rows = {}, {}, None, []
+    clock = time.perf_counter()  # when the last step was read, or the last pause (evaluation, checkpoint) ended
     for step in range(run.start_step, args.max_train_steps):
         set_lr(run.optimizers, lr_factor(step, args))
-        started = time.perf_counter()
-        loss, grad_norm = train_step(accelerator, run.train_model, run.optimizers, run.batches, args)
-        if accelerator.device.type == "cuda":
-            torch.cuda.synchronize()  # the step's kernels are done before the clock is read
-        row = step_row(run, step, loss, grad_norm, time.perf_counter() - started)
-        accelerator.print(log_line(row, args.max_train_steps))
+        with preferred_attention(run.attention):
+            result = StepResult(step, *train_step(accelerator, run.train_model, run.optimizers, run.batches, args),
+                                lrs=[optimizer.param_groups[0]["lr"] for optimizer in run.optimizers])  # fmt: skip
+        if unread is not None:
+            row, clock = read_step(run, unread, clock)
+            record(run, row, rows)
+        unread = result
         done, last = step + 1, step + 1 == args.max_train_steps
-        if last or (args.eval_steps and done % args.eval_steps == 0):
-            evaluation = evaluate(run, done)
-            row.update(evaluation)
-        if accelerator.is_main_process:
-            run.metrics.write(row)
-        accelerator.log(row, step=step)
-        if args.checkpointing_steps and (done % args.checkpointing_steps == 0 or last):
-            save_checkpoint(accelerator, run.unwrapped.config, args, done, run.batches.state_dict())
+        evaluate_now = last or (args.eval_steps and done % args.eval_steps == 0)
+        checkpoint_now = args.checkpointing_steps and (done % args.checkpointing_steps == 0 or last)
+        if evaluate_now or checkpoint_now:
+            (row, _), unread = read_step(run, result, clock), None
+            if evaluate_now:
+                evaluation = evaluate(run, done)
+                row.update(evaluation)
+            record(run, row, rows)
+            if checkpoint_now:
+                save_checkpoint(accelerator, run.unwrapped.config, args, done, run.batches.state_dict())
+            clock = time.perf_counter()  # the pause is no step's time
+    accelerator.print(steady_state(rows))
     return row, evaluation
+
+
+@contextlib.contextmanager
+def preferred_attention(backends):
+    """SDPA's backends in this order of preference while the step's forward and backward are made (a compiled
+    graph fixes its backend when traced, so the first step's choice holds for the run)."""
+    with sdpa_kernel(backends, set_priority=True) if backends else contextlib.nullcontext():
+        yield
+
+
+class DeviceBatches:
+    """The reader's windows on the training device, each read and its copy queued one micro-step ahead, so the
+    host reads the next window while the GPU works on this one. `state_dict` is the position after the last
+    window handed out (not the one read ahead), so a checkpoint resumes exactly."""
+
+    def __init__(self, reader: ShardedTokens, device: torch.device):
+        self.reader, self.device = reader, device
+        self.position = reader.state_dict()
+        self.ahead = to_device(next(reader), device)
+
+    def __next__(self) -> torch.Tensor:
+        window, self.position = self.ahead, self.reader.state_dict()
+        self.ahead = to_device(next(self.reader), self.device)
+        return window
+
+    def state_dict(self) -> dict:
+        return self.position
 
 
 def to_device(window: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -339,11 +408,12 @@ def to_device(window: torch.Tensor, device: torch.device) -> torch.Tensor:
     return window.to(device)
 
 
-def train_step(accelerator, model, optimizers, batches, args):
-    """One optimizer step over the accumulated micro-batches; returns (mean loss, grad norm)."""
+def train_step(accelerator, model, optimizers, batches, args) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over the accumulated micro-batches, queued; returns (mean loss, grad norm) as
+    tensors on the device, not yet read."""
     losses = []
     for _ in range(accelerator.gradient_accumulation_steps):
-        window = to_device(next(batches), accelerator.device)
+        window = next(batches)
         with accelerator.accumulate(model):
             loss = model(input_ids=window[:, :-1], shift_labels=window[:, 1:]).loss
             accelerator.backward(loss)  # divides by the accumulation steps itself
@@ -353,22 +423,71 @@ def train_step(accelerator, model, optimizers, batches, args):
                 optimizer.step()  # a no-op until the last micro-step
                 optimizer.zero_grad(set_to_none=True)
         losses.append(loss.detach())
-    mean_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean")
-    return mean_loss.item(), grad_norm.item()
+    if isinstance(grad_norm, DTensor):  # FSDP2's norm, the same on every process
+        grad_norm = grad_norm.full_tensor()
+    return accelerator.reduce(torch.stack(losses).mean(), reduction="mean"), grad_norm
 
 
-def step_row(run: Run, step: int, loss: float, grad_norm: float, seconds: float) -> dict:
-    """The step's metrics, with the lr as the optimizers applied it. A non-finite loss or norm stops the run."""
+class StepResult:
+    """A step's loss and gradient norm on their way to the host: on a GPU copied without waiting (into pinned
+    memory) with an event marking their arrival; read when wanted. `lrs` are the optimizers' as they applied
+    them. `finished` is when the step was done, as the host sees it: on the CPU at once, on a GPU when the
+    values arrived."""
+
+    def __init__(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, lrs: list[float]):
+        self.step, self.lrs = step, lrs
+        values = torch.stack([loss.float(), grad_norm.float()])
+        self.arrival = None
+        if values.is_cuda:
+            values, self.arrival = values.to("cpu", non_blocking=True), torch.cuda.Event()
+            self.arrival.record()
+        self.values, self.finished = values, time.perf_counter()
+
+    def read(self) -> tuple[float, float]:
+        if self.arrival is not None:
+            self.arrival.synchronize()
+            self.arrival, self.finished = None, time.perf_counter()
+        loss, grad_norm = self.values.tolist()
+        return loss, grad_norm
+
+
+def read_step(run: Run, result: StepResult, clock: float) -> tuple[dict, float]:
+    """The step's metrics row, printed as the log line. A non-finite loss or norm stops the run. Returns the
+    row and the step's finishing time."""
+    args = run.args
+    loss, grad_norm = result.read()
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-        raise ValueError(f"step {step}: loss {loss}, grad norm {grad_norm}: training diverged or the weights "
+        raise ValueError(f"step {result.step}: loss {loss}, grad norm {grad_norm}: training diverged or the weights "
                          "are corrupt; stopped without checkpointing this state")  # fmt: skip
-    row = {"step": step, "loss": loss, "lr": run.optimizers[0].param_groups[0]["lr"], "grad_norm": grad_norm,
-           "dt_ms": 1000 * seconds, "tokens_per_s": run.tokens_per_step / seconds}  # fmt: skip
-    if len(run.optimizers) > 1:
-        row["muon_lr"] = run.optimizers[1].param_groups[0]["lr"]
+    seconds = result.finished - clock
+    row = {"step": result.step, "loss": loss, "lr": result.lrs[0], "grad_norm": grad_norm, "dt_ms": 1000 * seconds,
+           "tokens_per_s": run.tokens_per_step / seconds}  # fmt: skip
+    if len(result.lrs) > 1:
+        row["muon_lr"] = result.lrs[1]
     if run.peak_flops:
         row["mfu"] = run.flops_per_step / seconds / (run.peak_flops * run.accelerator.num_processes)
-    return row
+    run.accelerator.print(log_line(row, args.max_train_steps))
+    return row, result.finished
+
+
+def record(run: Run, row: dict, rows: list[dict]):
+    """The row into metrics.jsonl and the trackers, and into this start's rows for the steady-state line."""
+    if run.accelerator.is_main_process:
+        run.metrics.write(row)
+    run.accelerator.log(row, step=row["step"])
+    rows.append(row)
+
+
+def steady_state(rows: list[dict]) -> str:
+    """The run's speed without its first step, which compiles (and warms the allocator and the optimizer)."""
+    if len(rows) < 2:
+        return f"steady state: not measured ({len(rows)} step)"
+    steady = rows[1:]
+    line = (f"steady state: {len(steady)} steps after the first | median dt {statistics.median(r['dt_ms'] for r in steady):.1f} ms "
+            f"| tok/s {statistics.median(r['tokens_per_s'] for r in steady):,.0f}")  # fmt: skip
+    if "mfu" in rows[0]:
+        line += f" | mfu {statistics.median(r['mfu'] for r in steady):.1%}"
+    return line + f" | the first step took {rows[0]['dt_ms'] / 1000:.1f} s"
 
 
 def evaluate(run: Run, done: int) -> dict:

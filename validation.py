@@ -6,6 +6,11 @@ import torch.nn.functional as F
 
 from token_shards import ShardedTokens, ShardError, read_meta, tokenizer_sha256
 
+# Logits one evaluation forward may return: 2^28 are 1 GiB in fp32, the dtype accelerate's mixed precision
+# converts a model's outputs to (a whole 64 x 1024 batch at GPT-2's vocabulary would be 12.3 GiB, twice
+# training's peak). 5 rows of 1,024 tokens at GPT-2's vocabulary.
+EVAL_LOGITS = 2**28
+
 
 def device_of(model) -> torch.device:
     return next(model.parameters()).device  # also for DDP-wrapped and compiled models, which lack `.device`
@@ -41,9 +46,11 @@ def check_same_tokenizer(data_dir, tokenizer, model_name: str) -> None:
 @torch.no_grad()
 def val_loss(model, data_dir, batch_size, seq_len, batches, accelerator=None) -> float:
     """Mean next-token loss over the first `batches` val batches of prepare_data.py shards: the same
-    windows every time and whatever the process count (batch i is computed by process i % N)."""
+    windows every time and whatever the process count (batch i is computed by process i % N). A batch goes
+    through the model a few rows at a time, so that no forward returns more than EVAL_LOGITS logits."""
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     reader = ShardedTokens(data_dir, "val", batch_size, seq_len, 0, 1, shuffle=False)
+    rows_per_forward = max(1, EVAL_LOGITS // (seq_len * model.config.vocab_size))
     device = device_of(model)
     was_training = model.training
     model.eval()
@@ -52,11 +59,11 @@ def val_loss(model, data_dir, batch_size, seq_len, batches, accelerator=None) ->
     for i, counted in padded_share([*range(batches)], rank, world):  # uncounted: the last batch, to join in
         while position <= i:  # read on to batch i (a memmap: cheap), so every process walks the same windows
             window, position = next(reader), position + 1
-        window = window.to(device)
-        logits = model(input_ids=window[:, :-1], use_cache=False).logits  # a cache would be ~2.4 GiB at 64 x 1024
+        total = torch.zeros((), device=device)
+        for rows in window.to(device).split(rows_per_forward):
+            logits = model(input_ids=rows[:, :-1], use_cache=False).logits  # a cache would be ~2.4 GiB at 64 x 1024
+            total += F.cross_entropy(logits.flatten(0, 1).float(), rows[:, 1:].flatten(), reduction="sum")
         if counted:
-            # A row at a time in fp32: a whole (B, T, vocab) fp32 copy would be gigabytes at GPT-2 scale.
-            total = sum(F.cross_entropy(row.float(), target, reduction="sum") for row, target in zip(logits, window[:, 1:]))
             losses[i] = total / window[:, 1:].numel()
     model.train(was_training)
     if world > 1:

@@ -28,10 +28,10 @@ def test_gpt2_124m_is_about_six_times_its_parameters():
 
 
 @pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
-                                        ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-40GB", 312e12), ("NVIDIA A100-PCIE-40GB", 312e12),
+                                        ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12), ("NVIDIA A100-SXM4-40GB", 312e12), ("NVIDIA A100-PCIE-40GB", 312e12),
                                         ("Tesla T4", None)])  # fmt: skip
 def test_mfu_peak_by_device_name(name, peak):
-    """NVIDIA's datasheets, dense bf16: the H100's PCIe and NVL boards run below the SXM part's 989 TFLOP/s."""
+    """NVIDIA's datasheets, dense bf16: the PCIe and NVL boards run below the SXM parts' 989 TFLOP/s."""
     assert peak_bf16_flops(name) == peak
 
 

@@ -1,5 +1,6 @@
 """train_accelerate.py as users run it: real processes, real DDP (gloo on CPU), real files."""
 
+import contextlib
 import json
 import math
 import os
@@ -396,6 +397,8 @@ def test_two_process_ddp_with_bf16_accumulation_and_compile_compiles_once(data_d
     assert compiled.returncode == 0, failure(compiled)
     output = compiled.stdout + compiled.stderr
     assert "bf16 | torch" in output and "2 processes x 2 accumulation" in output  # accelerate engaged bf16
+    assert "| DDP buckets 100 MiB, gradients in them" in output  # read off the DDP wrapper accelerate made
+    assert "steady state: 5 steps after the first" in output
     assert "torchdynamo start tracing forward" in compiled.stderr  # dynamo ran
     # DDP's own forward runs eagerly around the compiled model, by design: it breaks, the model must not.
     breaks = [line for line in compiled.stderr.splitlines() if "Graph break in user code at" in line]
@@ -429,3 +432,75 @@ def test_fsdp2_under_bf16_trains_like_ddp_under_bf16(data_dir, tmp_path):
     for key in ("loss", "val_loss"):
         mine, reference = ([r[key] for r in rows[name] if key in r] for name in ("fsdp", "ddp"))
         torch.testing.assert_close(mine, reference, rtol=3e-2, atol=0)
+
+
+def test_hopper_prefers_cudnn_attention_and_elsewhere_sdpa_keeps_its_order(monkeypatch):
+    import train_accelerate
+
+    for capability, expected in (((9, 0), train_accelerate.HOPPER_ATTENTION), ((8, 0), None), ((10, 0), None)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert train_accelerate.attention_backends(torch.device("cuda")) == expected
+    assert train_accelerate.attention_backends(torch.device("cpu")) is None
+    assert train_accelerate.HOPPER_ATTENTION[0] == torch.nn.attention.SDPBackend.CUDNN_ATTENTION
+
+
+def test_the_preferred_attention_is_in_force_for_the_whole_step_and_changes_nothing_where_cudnn_is_absent(
+    data_dir, monkeypatch
+):
+    """The training step under Hopper's order of preference, on CPU (no cuDNN: SDPA falls back to its own CPU
+    kernel): every attention call of the forward runs inside the context, and loss, norm and weights are
+    bitwise those of a step without it."""
+    from accelerate import Accelerator
+
+    import train_accelerate
+    from configuration_minigpt import MiniGPTConfig
+    from modeling_minigpt import MiniGPTForCausalLM
+
+    inside, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+    entered = []
+
+    @contextlib.contextmanager
+    def recording(backends, set_priority=False):
+        entered.append((backends, set_priority))
+        inside.append(True)
+        with torch.nn.attention.sdpa_kernel(backends, set_priority=set_priority):
+            yield
+        inside.pop()
+
+    calls = []
+    monkeypatch.setattr(train_accelerate, "sdpa_kernel", recording)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: calls.append(bool(inside)) or sdpa(*a, **k))
+    meta = read_meta(data_dir)
+    accelerator = Accelerator(cpu=True)
+    args = train_accelerate.parse_args(["--max_grad_norm", "1.0"])
+    results = []
+    for backends in (None, train_accelerate.HOPPER_ATTENTION):
+        torch.manual_seed(0)
+        model = MiniGPTForCausalLM(MiniGPTConfig.from_preset("tiny", vocab_size=meta["vocab_size"])).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        batches = train_accelerate.DeviceBatches(ShardedTokens(data_dir, "train", 4, 32), accelerator.device)
+        with train_accelerate.preferred_attention(backends):
+            loss, norm = train_accelerate.train_step(accelerator, model, [optimizer], batches, args)
+        results.append((loss, norm, *model.parameters()))
+    assert entered == [(train_accelerate.HOPPER_ATTENTION, True)]
+    assert calls == [False] * 2 + [True] * 2  # two layers, without and then within the context
+    for without, within in zip(*results):
+        assert torch.equal(without, within)
+
+
+def test_val_loss_a_few_rows_at_a_time_equals_the_whole_batch_at_once(data_dir, monkeypatch):
+    """Evaluation caps the logits one forward returns (a 64 x 1024 batch at GPT-2's vocabulary would be 12.3 GiB
+    once accelerate converts them to fp32): one row at a time gives the loss of the whole batch at once."""
+    import validation
+    from configuration_minigpt import MiniGPTConfig
+    from modeling_minigpt import MiniGPTForCausalLM
+
+    torch.manual_seed(0)
+    model = MiniGPTForCausalLM(MiniGPTConfig.from_preset("tiny", vocab_size=read_meta(data_dir)["vocab_size"]))
+    whole = validation.val_loss(model, data_dir, 4, 32, 2)
+    monkeypatch.setattr(validation, "EVAL_LOGITS", 1)
+    window = next(ShardedTokens(data_dir, "val", 4, 32, shuffle=False))
+    with torch.no_grad():
+        first = F.cross_entropy(model(window[:, :-1]).logits.flatten(0, 1), window[:, 1:].flatten())
+    assert validation.val_loss(model, data_dir, 4, 32, 1) == pytest.approx(first.item(), rel=1e-6)
+    assert validation.val_loss(model, data_dir, 4, 32, 2) == pytest.approx(whole, rel=1e-6)
