@@ -13,7 +13,6 @@ process's RNG, the step and the data position, so a resumed run continues exactl
 """
 
 import argparse
-import contextlib
 import math
 import statistics
 import sys
@@ -25,9 +24,9 @@ import torch
 from accelerate import Accelerator, DistributedType
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from torch.distributed.tensor import DTensor
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoTokenizer
 
+from attention_backends import preferred_backends, preferring
 from checkpoints import (check_same_model, check_shared_filesystem, checkpoint_candidates, load_checkpoint,
                          lock_output_dir, save_checkpoint, save_tied_head_once)  # fmt: skip
 from configuration_minigpt import PRESETS, MiniGPTConfig
@@ -44,10 +43,6 @@ OPENAI_GPT2 = {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"}  # `--model` name
 # DDP keeps the gradients in its all-reduce buckets instead of copying them there (one copy of the gradients
 # less: 0.5 GB at 124M), in buckets of 100 MB: five all-reduces a step at 124M instead of DDP's default twenty.
 DDP = DistributedDataParallelKwargs(gradient_as_bucket_view=True, bucket_cap_mb=100)
-# On Hopper, cuDNN's fused attention trains 1.7-2.3x faster than the FlashAttention-2 kernels SDPA tries first,
-# at the same accuracy, and is slower on Ampere and Blackwell (transformers #48163, measured on six GPUs).
-# A priority, not a restriction: a shape cuDNN cannot take falls back to flash. bench/gpu_check.sh times both.
-HOPPER_ATTENTION = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def parse_args(argv=None):
@@ -268,7 +263,7 @@ def setup(args) -> Run:
     model, *optimizers = accelerator.prepare(model, *configure_optimizers(model, args, accelerator.device.type))
     accelerator.register_save_state_pre_hook(save_tied_head_once)
     start_step = resume(accelerator, candidates, batches, args.max_train_steps) if candidates else 0
-    attention = attention_backends(accelerator.device)
+    attention = preferred_backends(accelerator.device)
     tokens_per_step = (args.per_device_train_batch_size * seq_len * accelerator.num_processes
                        * accelerator.gradient_accumulation_steps)  # fmt: skip
     run_record = {"args": vars(args), "config": config.to_dict(), "machine": machine(), "start_step": start_step,
@@ -288,13 +283,6 @@ def setup(args) -> Run:
                hellaswag=hellaswag, metrics=metrics, lock=lock, seq_len=seq_len, start_step=start_step,
                tokens_per_step=tokens_per_step, flops_per_step=model_flops_per_token(config, seq_len) * tokens_per_step,
                peak_flops=device_peak_flops(accelerator.device), attention=attention)  # fmt: skip
-
-
-def attention_backends(device) -> list | None:
-    """SDPA's backends in the order training prefers them on this device: cuDNN first on Hopper (sm90)."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9:
-        return HOPPER_ATTENTION
-    return None
 
 
 def engaged(model, attention) -> str:
@@ -350,7 +338,7 @@ def train(run: Run) -> tuple[dict, dict]:
     clock = time.perf_counter()  # when the last step was read, or the last pause (evaluation, checkpoint) ended
     for step in range(run.start_step, args.max_train_steps):
         set_lr(run.optimizers, lr_factor(step, args))
-        with preferred_attention(run.attention):
+        with preferring(run.attention):
             result = StepResult(step, *train_step(accelerator, run.train_model, run.optimizers, run.batches, args),
                                 lrs=[optimizer.param_groups[0]["lr"] for optimizer in run.optimizers])  # fmt: skip
         if unread is not None:
@@ -371,14 +359,6 @@ def train(run: Run) -> tuple[dict, dict]:
             clock = time.perf_counter()  # the pause is no step's time
     accelerator.print(steady_state(rows))
     return row, evaluation
-
-
-@contextlib.contextmanager
-def preferred_attention(backends):
-    """SDPA's backends in this order of preference while the step's forward and backward are made (a compiled
-    graph fixes its backend when traced, so the first step's choice holds for the run)."""
-    with sdpa_kernel(backends, set_priority=True) if backends else contextlib.nullcontext():
-        yield
 
 
 class DeviceBatches:

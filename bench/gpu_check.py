@@ -1,13 +1,19 @@
-"""The Python part of bench/gpu_check.sh: the CUDA branches, and the loss at GPU sizes against the memory
-estimate. Every finished step is written to RESULTS/gpu_check.json at once, so a run cut short by its time
-limit still leaves what it measured.
+"""The Python parts of bench/gpu_check.sh, one per `--only`: each writes RESULTS/<check>.json when it ends
+(temporary name, then rename), so a run cut short keeps what was measured before it.
 
-    python bench/gpu_check.py --results DIR                        # GPT-2 124M, T = 1024, micro-batch 16/32/64
-    python bench/gpu_check.py --results DIR --model tiny --seq_len 32 --batches 2 4    # the CPU dry run
+    python bench/gpu_check.py --results DIR --only speed        # ours vs transformers' GPT-2, both compiled
+    python bench/gpu_check.py --results DIR --only attention    # the SDPA kernel that runs; cuDNN vs flash
+    python bench/gpu_check.py --results DIR --only losses       # the loss kinds: time, memory, the estimate
+    python bench/gpu_check.py --results DIR --only estimates --data_dir D --batch 64   # warms the estimate cache
+    python bench/gpu_check.py --results DIR --model tiny --seq_len 32 --batch 2 --only speed   # the CPU dry run
+
+GPT-2 124M at T = 1024, bf16 autocast, fused AdamW (on CUDA), one fixed micro-batch per compiled model (a new
+compile for each, after a dynamo reset: no dynamic-shape recompiles).
 """
 
 import argparse
 import json
+import statistics
 import sys
 import time
 import traceback
@@ -17,22 +23,21 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
 
+from attention_backends import preferred_backends, preferring  # noqa: E402
 from configuration_minigpt import MiniGPTConfig  # noqa: E402
-from memory_estimate import GiB, estimate_peak_bytes  # noqa: E402
 from loss_minigpt import causal_lm_loss  # noqa: E402
-from metrics import machine, peak_bf16_flops  # noqa: E402
+from memory_estimate import Estimates, GiB  # noqa: E402
+from metrics import machine, model_flops_per_token, peak_bf16_flops  # noqa: E402
 from modeling_minigpt import MiniGPTForCausalLM  # noqa: E402
 
 
 class Results:
-    """gpu_check.json, rewritten whole after every step (temporary name, then rename)."""
+    """RESULTS/<check>.json; a failed check is recorded there with its traceback."""
 
-    def __init__(self, directory: Path):
-        self.path = directory / "gpu_check.json"
+    def __init__(self, directory: Path, name: str):
+        self.path = directory / f"{name}.json"
         self.data = {"machine": machine(), "steps": {}}
-        self.save()
 
     def record(self, name: str, run):
         started = time.perf_counter()
@@ -41,7 +46,7 @@ class Results:
         except Exception as error:  # noqa: BLE001  one failed check must not cost the others their time
             self.data["steps"][name] = {"ok": False, "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
         self.data["steps"][name]["seconds"] = round(time.perf_counter() - started, 2)
-        print(f"{name}: {json.dumps(self.data['steps'][name])[:500]}", flush=True)
+        print(f"{name}: {json.dumps(self.data['steps'][name])[:600]}", flush=True)
         self.save()
 
     def save(self):
@@ -54,123 +59,200 @@ def recipe_config(args) -> MiniGPTConfig:
     return MiniGPTConfig.from_preset(args.model, vocab_size=50257, pad_vocab_size_multiple=64)
 
 
-def model_for(args, device) -> MiniGPTForCausalLM:
-    torch.manual_seed(0)
-    return MiniGPTForCausalLM(recipe_config(args)).to(device).train()
-
-
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def environment(device) -> dict:
-    info = {"device": str(device), "cuda": torch.version.cuda, "bf16_supported": torch.cuda.is_available() and torch.cuda.is_bf16_supported()}
+def fresh_peak(device):
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        free, total = torch.cuda.mem_get_info(device)
-        info |= {"name": name, "peak_bf16_flops": peak_bf16_flops(name), "free_gib": free / GiB, "total_gib": total / GiB,
-                 "capability": torch.cuda.get_device_capability(device)}  # fmt: skip
-    return info
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
 
 
-def fused_adamw_equals_default(args, device) -> dict:
-    """The optimizer branch the training script takes on CUDA (fused) against the default, five steps."""
-    weights = []
-    for fused in (True, False):
-        model = model_for(args, device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, fused=fused)
-        for step in range(5):
-            x = torch.randint(0, 50257, (2, args.seq_len + 1), generator=torch.Generator().manual_seed(step)).to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                model(input_ids=x[:, :-1], shift_labels=x[:, 1:]).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-    return {"max_abs_difference": (weights[0] - weights[1]).abs().max().item()}
+def peak_gib(device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / GiB if device.type == "cuda" else None
 
 
-def flash_attention_trains(args, device) -> dict:
-    """Training forward and backward with SDPA restricted to FlashAttention: it raises if any call does not
-    meet flash's conditions (is_causal, no mask, bf16)."""
-    if device.type != "cuda":
-        return {"skipped": "FlashAttention is a CUDA kernel"}
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    model = model_for(args, device)
-    x = torch.randint(0, 50257, (2, args.seq_len + 1), device=device)
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION), torch.autocast("cuda", dtype=torch.bfloat16):
-        model(input_ids=x[:, :-1], shift_labels=x[:, 1:]).loss.backward()
-    return {"flash": True}
-
-
-def plain_loss(model, x):
-    """The loss through full (B, T, V) logits, as a PEFT-wrapped head or a naive loop computes it."""
-    hidden = model.transformer(input_ids=x[:, :-1], use_cache=False).last_hidden_state
-    logits = model.lm_head(hidden)[..., : model.config.vocab_size]
-    return causal_lm_loss(logits, shift_labels=x[:, 1:])
-
-
-def losses_at_batch(args, device, batch) -> dict:
-    """Chunked (eager), plain and compiled steps at one micro-batch: ms a step, peak memory, the estimate."""
-    out = {kind: loss_step(args, device, batch, kind) for kind in ("chunked", "plain", "compiled")}
-    for kind in ("chunked", "compiled"):
-        out[kind]["estimate_gib"] = estimate_peak_bytes(recipe_config(args), batch, args.seq_len, kind == "compiled") / GiB
-    return out
-
-
-def loss_step(args, device, batch, kind) -> dict:
-    model = model_for(args, device)
+def stepper(model, args, device, loss_of=None):
+    """One optimizer step of `model` on a fixed random batch, as the recipe trains: bf16 autocast, fused AdamW
+    (on CUDA), clipping, the training script's attention preference."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    step_model = torch.compile(model) if kind == "compiled" else model
-    x = torch.randint(0, 50257, (batch, args.seq_len + 1), device=device)
+    batch = torch.randint(0, 50257, (args.batch, args.seq_len + 1), generator=torch.Generator().manual_seed(0)).to(device)
+    backends = preferred_backends(device)
 
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = plain_loss(model, x) if kind == "plain" else step_model(input_ids=x[:, :-1], shift_labels=x[:, 1:]).loss
+        with preferring(backends), torch.autocast(device.type, dtype=torch.bfloat16):
+            if loss_of is not None:
+                loss = loss_of(batch)
+            else:
+                loss = model(input_ids=batch[:, :-1], labels=batch[:, :-1]).loss  # the library's API, both models
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss
 
-    for _ in range(2):  # warm-up: compilation, the optimizer's state
+    return step
+
+
+def timed(step, device, steps: int) -> float:
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in range(steps):
         step()
     synchronize(device)
+    return (time.perf_counter() - started) / steps
+
+
+def ours(args, device):
+    torch.manual_seed(0)
+    return MiniGPTForCausalLM(recipe_config(args)).to(device).train()
+
+
+def theirs(args, device):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = recipe_config(args)
+    gpt2 = GPT2Config(vocab_size=50257, n_positions=config.n_positions, n_embd=config.n_embd, n_layer=config.n_layer,
+                      n_head=config.n_head, attn_implementation="sdpa")  # fmt: skip
+    return GPT2LMHeadModel(gpt2).to(device).train()
+
+
+def speed(args, device) -> dict:
+    """Ours against transformers' GPT2LMHeadModel, both compiled, at one micro-batch, in alternating rounds."""
+    steps, compile_seconds, memory = {}, {}, {}
+    for name, build in (("ours", ours), ("transformers", theirs)):
+        torch._dynamo.reset()
+        fresh_peak(device)
+        step = stepper(torch.compile(build(args, device)), args, device)
+        started = time.perf_counter()
+        for _ in range(2):  # compilation, then the optimizer's state
+            step()
+        synchronize(device)
+        compile_seconds[name] = time.perf_counter() - started
+        memory[name] = peak_gib(device)
+        steps[name] = step
+        print(f"  {name}: compiled and warm in {compile_seconds[name]:.0f} s, peak {memory[name]} GiB", flush=True)
+    seconds = {name: [] for name in steps}
+    for r in range(args.rounds):
+        for name in list(steps)[r % 2 :] + list(steps)[: r % 2]:
+            seconds[name].append(timed(steps[name], device, args.steps))
+    tokens = args.batch * args.seq_len
+    out = {"batch": args.batch, "compile_and_warmup_s": compile_seconds, "peak_gib": memory}
+    peak = peak_bf16_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    flops = model_flops_per_token(recipe_config(args), args.seq_len)
+    for name, values in seconds.items():
+        rate = tokens / statistics.median(values)
+        out[name] = {"tokens_per_s": rate, "rounds_tokens_per_s": [tokens / v for v in values],
+                     "mfu": rate * flops / peak if peak else None}  # fmt: skip
+    ratios = [t / o for o, t in zip(seconds["ours"], seconds["transformers"])]
+    out["ratio_ours_to_transformers"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+    return out
+
+
+def attention(args, device) -> dict:
+    """Which SDPA kernel the training step runs (the profiler's kernel names, under the training script's
+    preference), and each backend alone at the training shape, forward and backward."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    out = {"preference": [b.name for b in preferred_backends(device) or []]}
+    config = recipe_config(args)
+    shape = (args.batch, config.n_head, args.seq_len, config.n_embd // config.n_head)
+    q, k, v = (torch.randn(shape, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+
+    def fwd_bwd():
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+
+    for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+        try:
+            with sdpa_kernel([backend]):
+                fwd_bwd()
+                out[backend.name.lower() + "_ms"] = 1000 * timed(fwd_bwd, device, 10)
+        except RuntimeError as error:  # not available on this device or for this shape
+            out[backend.name.lower() + "_ms"] = f"unavailable: {str(error).splitlines()[0]}"
     if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    started = time.perf_counter()
-    for _ in range(args.steps):
-        loss = step()
-    synchronize(device)
-    seconds = time.perf_counter() - started
-    row = {"ms_per_step": 1000 * seconds / args.steps, "tokens_per_s": batch * args.seq_len * args.steps / seconds,
-           "loss": loss.item()}  # fmt: skip
-    if device.type == "cuda":
-        row["peak_gib"] = torch.cuda.max_memory_allocated(device) / GiB
-    return row  # the model and optimizer go with this frame, before the next kind is built
+        model = ours(args, device)
+        step = stepper(model, args, device)
+        step()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+            step()
+            synchronize(device)
+        names = {e.name for e in profile.events() if any(w in e.name.lower() for w in ("flash", "cudnn", "fmha", "attention", "sdpa"))}
+        out["kernels_that_ran"] = sorted(names)[:20]
+    return out
+
+
+def plain_loss(model, batch):
+    """The loss through full (B, T, V) logits, as a wrapped head (PEFT) or a naive loop computes it."""
+    hidden = model.transformer(input_ids=batch[:, :-1], use_cache=False).last_hidden_state
+    return causal_lm_loss(model.lm_head(hidden)[..., : model.config.vocab_size], shift_labels=batch[:, 1:])
+
+
+def losses(args, device) -> dict:
+    """The loss kinds at one micro-batch: ms a step and peak memory; the chunked ones against the estimate."""
+    out = {"batch": args.batch}
+    config = recipe_config(args)
+    for kind in ("compiled_plain", "chunked", "plain"):
+        torch._dynamo.reset()
+        fresh_peak(device)
+        model = ours(args, device)
+        if kind == "compiled_plain":
+            compiled = torch.compile(lambda batch: plain_loss(model, batch))
+            step = stepper(model, args, device, loss_of=compiled)
+        elif kind == "plain":
+            step = stepper(model, args, device, loss_of=lambda batch: plain_loss(model, batch))
+        else:
+            step = stepper(model, args, device, loss_of=lambda batch: model(input_ids=batch[:, :-1], shift_labels=batch[:, 1:]).loss)
+        started = time.perf_counter()
+        step(), step()
+        synchronize(device)
+        warm = time.perf_counter() - started
+        out[kind] = {"ms_per_step": 1000 * timed(step, device, args.steps), "warmup_s": warm, "peak_gib": peak_gib(device)}
+        if kind == "chunked":
+            out[kind]["estimate_gib"] = Estimates(config, args.seq_len)(args.batch) / GiB  # cached by `estimates`
+        print(f"  {kind}: {out[kind]}", flush=True)
+        del model, step
+    return out
+
+
+def estimates(args, device) -> dict:
+    """The memory estimates the training runs of the device check will ask for, made ahead (on the CPU, beside
+    the GPU's work) so that their starts find them cached."""
+    from token_shards import read_meta
+
+    meta = read_meta(args.data_dir)
+    eot = meta["eot_token_id"]
+    config = MiniGPTConfig.from_preset(args.model, vocab_size=meta["vocab_size"], bos_token_id=eot, eos_token_id=eot,
+                                       pad_vocab_size_multiple=64)  # fmt: skip
+    out = {}
+    for compiled in (True, False):
+        estimate = Estimates(config, args.seq_len, compiled, "single", 1, torch.bfloat16)
+        out["compiled" if compiled else "eager"] = {"batch": args.batch, "gib": estimate(args.batch) / GiB, "made": estimate.made}
+    return out
+
+
+CHECKS = {"speed": speed, "attention": attention, "losses": losses, "estimates": estimates}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--results", required=True, help="directory for gpu_check.json")
+    p.add_argument("--results", required=True, help="directory for <check>.json")
+    p.add_argument("--only", choices=list(CHECKS), required=True)
     p.add_argument("--model", default="124M")
     p.add_argument("--seq_len", type=int, default=1024)
-    p.add_argument("--batches", type=int, nargs="+", default=[16, 32, 64])
-    p.add_argument("--steps", type=int, default=5, help="timed steps per loss and batch")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--data_dir", help="for --only estimates: the shards the training runs read")
     args = p.parse_args(argv)
     Path(args.results).mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    results = Results(Path(args.results))
-    results.record("environment", lambda: environment(device))
-    results.record("fused_adamw", lambda: fused_adamw_equals_default(args, device))
-    results.record("flash_attention", lambda: flash_attention_trains(args, device))
-    for batch in args.batches:
-        results.record(f"loss_batch_{batch}", lambda: losses_at_batch(args, device, batch))
-    failed = [name for name, step in results.data["steps"].items() if not step["ok"]]
-    print(f"wrote {results.path}" + (f"; failed: {', '.join(failed)}" if failed else ""))
-    return 1 if failed else 0
+    results = Results(Path(args.results), args.only)
+    results.record(args.only, lambda: CHECKS[args.only](args, device))
+    return 0 if results.data["steps"][args.only]["ok"] else 1
 
 
 if __name__ == "__main__":

@@ -1,6 +1,5 @@
 """train_accelerate.py as users run it: real processes, real DDP (gloo on CPU), real files."""
 
-import contextlib
 import json
 import math
 import os
@@ -432,60 +431,6 @@ def test_fsdp2_under_bf16_trains_like_ddp_under_bf16(data_dir, tmp_path):
     for key in ("loss", "val_loss"):
         mine, reference = ([r[key] for r in rows[name] if key in r] for name in ("fsdp", "ddp"))
         torch.testing.assert_close(mine, reference, rtol=3e-2, atol=0)
-
-
-def test_hopper_prefers_cudnn_attention_and_elsewhere_sdpa_keeps_its_order(monkeypatch):
-    import train_accelerate
-
-    for capability, expected in (((9, 0), train_accelerate.HOPPER_ATTENTION), ((8, 0), None), ((10, 0), None)):
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
-        assert train_accelerate.attention_backends(torch.device("cuda")) == expected
-    assert train_accelerate.attention_backends(torch.device("cpu")) is None
-    assert train_accelerate.HOPPER_ATTENTION[0] == torch.nn.attention.SDPBackend.CUDNN_ATTENTION
-
-
-def test_the_preferred_attention_is_in_force_for_the_whole_step_and_changes_nothing_where_cudnn_is_absent(
-    data_dir, monkeypatch
-):
-    """The training step under Hopper's order of preference, on CPU (no cuDNN: SDPA falls back to its own CPU
-    kernel): every attention call of the forward runs inside the context, and loss, norm and weights are
-    bitwise those of a step without it."""
-    from accelerate import Accelerator
-
-    import train_accelerate
-    from configuration_minigpt import MiniGPTConfig
-    from modeling_minigpt import MiniGPTForCausalLM
-
-    inside, sdpa = [], torch.nn.functional.scaled_dot_product_attention
-    entered = []
-
-    @contextlib.contextmanager
-    def recording(backends, set_priority=False):
-        entered.append((backends, set_priority))
-        inside.append(True)
-        with torch.nn.attention.sdpa_kernel(backends, set_priority=set_priority):
-            yield
-        inside.pop()
-
-    calls = []
-    monkeypatch.setattr(train_accelerate, "sdpa_kernel", recording)
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: calls.append(bool(inside)) or sdpa(*a, **k))
-    meta = read_meta(data_dir)
-    accelerator = Accelerator(cpu=True)
-    args = train_accelerate.parse_args(["--max_grad_norm", "1.0"])
-    results = []
-    for backends in (None, train_accelerate.HOPPER_ATTENTION):
-        torch.manual_seed(0)
-        model = MiniGPTForCausalLM(MiniGPTConfig.from_preset("tiny", vocab_size=meta["vocab_size"])).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        batches = train_accelerate.DeviceBatches(ShardedTokens(data_dir, "train", 4, 32), accelerator.device)
-        with train_accelerate.preferred_attention(backends):
-            loss, norm = train_accelerate.train_step(accelerator, model, [optimizer], batches, args)
-        results.append((loss, norm, *model.parameters()))
-    assert entered == [(train_accelerate.HOPPER_ATTENTION, True)]
-    assert calls == [False] * 2 + [True] * 2  # two layers, without and then within the context
-    for without, within in zip(*results):
-        assert torch.equal(without, within)
 
 
 def test_val_loss_a_few_rows_at_a_time_equals_the_whole_batch_at_once(data_dir, monkeypatch):

@@ -1,0 +1,297 @@
+"""A roofline model of the training step on paper: what GPT-2 124M's step (bf16 autocast, fused AdamW, T = 1024)
+would take on an H100 or H200, kernel group by kernel group, from the work the step really does.
+
+    python bench/roofline.py                         # today's model, compiled, micro-batch 64
+    python bench/roofline.py --revision HEAD~2       # the model as it was at a commit, for before / after
+
+One eager training step runs on fake tensors (shapes and dtypes, no arithmetic) under a dispatch mode that
+records every aten operation with its operands. Each becomes work on the device:
+
+- GEMMs (mm, addmm, bmm): 2 M N K FLOPs at GEMM_EFFICIENCY of the dense bf16 peak, or at MISALIGNED_EFFICIENCY
+  when an operand's leading dimension is not a multiple of 8 (16 bytes of bf16: 50,257 columns), which keeps
+  cuBLAS off its aligned tensor-core kernels;
+- attention (SDPA forward and backward): FlashAttention's causal FLOPs at ATTENTION_EFFICIENCY, by backend;
+- the rest, bytes: what a kernel reads and writes, at HBM_EFFICIENCY of the bandwidth, and at least
+  KERNEL_FLOOR_S a kernel. Where the step is compiled, elementwise operations are inlined into the kernels
+  that read their results (reductions, or the elementwise result that must be stored), as inductor does;
+  where it runs eagerly (a loss behind `torch.compiler.disable`), every operation is a kernel of its own;
+- the optimizer: fused AdamW reads parameter, gradient and both moments and writes three of them (28 bytes a
+  parameter), and clipping reads the gradients twice.
+
+Operations inside the LM-head loss count as the "loss" group whatever their kind. The efficiencies are
+assumptions, named below, not measurements: the device check (bench/gpu_check.sh) measures what they stand for.
+"""
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from metrics import model_flops_per_token  # noqa: E402
+from report import write_report  # noqa: E402
+
+DEVICES = {  # dense bf16 FLOP/s and HBM bytes/s, NVIDIA's datasheets (SXM parts)
+    "H100 SXM": dict(flops=989e12, bandwidth=3.35e12),
+    "H200 SXM": dict(flops=989e12, bandwidth=4.8e12),
+}
+GEMM_EFFICIENCY = 0.75  # large aligned bf16 GEMMs in cuBLAS: ~740 of 989 TFLOP/s (the device tool reads ~790 on an H200)
+MISALIGNED_EFFICIENCY = 0.40  # nanoGPT: padding 50,257 to 50,304 sped the whole model up ~25%, i.e. the head ~2x
+ATTENTION_EFFICIENCY = {"flash": 0.35, "cudnn": 0.60}  # FA2 kernels on Hopper; cuDNN 1.7-2.3x faster (transformers #48163)
+HBM_EFFICIENCY = 0.80
+KERNEL_FLOOR_S = 3e-6  # the smallest a kernel takes, launch gap included
+REDUCTIONS = ("amax", "amin", "max", "min", "sum", "mean", "var", "std", "logsumexp", "norm", "nll_loss",
+              "linalg_vector_norm")  # fmt: skip
+ROW_WISE = ("native_layer_norm", "native_layer_norm_backward")
+GEMMS = ("mm", "addmm", "bmm", "baddbmm")
+MAX_INLINED_SOURCES = 8
+INDEXED = ("gather", "index", "index_select", "embedding")  # read only the rows they select
+
+
+@dataclass
+class Op:
+    name: str
+    region: str  # "trunk" or "loss"
+    backward: bool  # run by autograd's backward pass
+    eager: bool  # runs as its own kernel (not compiled)
+    reads: list  # (buffer, bytes): a buffer is one version of a storage's contents
+    writes: list
+    kind: str = "pointwise"  # gemm, attention, reduction, indexed, pointwise, free
+    flops: float = 0.0
+    misaligned: bool = False
+
+
+@dataclass
+class Recorder(TorchDispatchMode):
+    """Every aten operation of what runs under it, with the buffers it reads and writes. An in-place operation
+    writes a new version of its storage, so a buffer id names contents, not memory."""
+
+    loss_eager: bool = False
+    region: str = "trunk"
+    backward: bool = False
+    ops: list = field(default_factory=list)
+    versions: dict = field(default_factory=dict)  # storage -> the buffer id of its current contents
+
+    def __post_init__(self):
+        super().__init__()
+
+    def buffer(self, tensor):
+        return self.versions.setdefault(tensor.untyped_storage()._cdata, ("input", len(self.versions)))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inputs = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        reads = [(self.buffer(t), nbytes(t)) for t in inputs]
+        input_storages = {t.untyped_storage()._cdata for t in inputs}
+        out = func(*args, **(kwargs or {}))
+        outputs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        name = func.overloadpacket.__name__
+        in_place = name.endswith("_") or name == "copy"
+        if not outputs or name in FREE or (not in_place and all(t.untyped_storage()._cdata in input_storages for t in outputs)):
+            return out  # a view, a query, an allocation: no data moves
+        writes = []
+        for t in outputs:
+            self.versions[t.untyped_storage()._cdata] = ("written", len(self.ops), len(writes))
+            writes.append((self.versions[t.untyped_storage()._cdata], nbytes(t)))
+        op = Op(name, self.region, self.backward, self.loss_eager and self.region == "loss", reads, writes)
+        if name in GEMMS:
+            a, b = inputs[-2:]
+            op.kind, op.flops = "gemm", 2 * a.shape[-2] * a.shape[-1] * b.shape[-1] * (a.shape[0] if a.dim() == 3 else 1)
+            op.misaligned = any(max(t.stride()) % 8 for t in (*inputs[-2:], *outputs) if t.dim() >= 2)
+        elif "scaled_dot_product" in name:
+            q, k = inputs[:2]
+            forward = 4 * q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * q.shape[3] / 2  # causal: half the scores
+            op.kind, op.flops = "attention", forward * (2.5 if "backward" in name else 1)
+        elif name in INDEXED:  # reads the index and the rows it selects
+            op.kind = "indexed"
+            op.reads = [(b, n) for (b, n), t in zip(reads, inputs) if not t.is_floating_point()] + writes
+        elif name in SCATTERS:  # updates the rows it is given: reads them and the index, writes them
+            op.kind = "indexed"
+            if in_place:
+                op.reads, op.writes = reads[1:], [(writes[0][0], nbytes(inputs[-1]))]
+        elif name in ROW_WISE:
+            pass  # normalizes rows of n_embd: one pass, fused with what reads it (a persistent reduction)
+        elif name in REDUCTIONS or max(t.numel() for t in outputs) < max((t.numel() for t in inputs), default=0) // 2:
+            op.kind = "reduction"
+        self.ops.append(op)
+        return out
+
+
+FREE = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "_local_scalar_dense", "lift_fresh",
+        "detach", "alias")  # fmt: skip
+SCATTERS = ("index_add", "index_add_", "index_put", "index_put_", "scatter_add", "scatter_add_", "embedding_dense_backward")
+
+
+def nbytes(t):
+    return t.numel() * t.element_size()
+
+
+def record_step(modeling, batch: int, seq_len: int, compiled: bool) -> Recorder:
+    """One training step of GPT-2 124M on fake tensors, its operations tagged trunk or loss. The loss's
+    weight-gradient sum takes the form it has on CUDA (one `addmm` with an fp32 output), whose kernel does
+    not exist on the CPU these fake tensors stand on."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    loss_module = sys.modules[modeling.__name__.replace("modeling_minigpt", "loss_minigpt")]
+    config = modeling.MiniGPTConfig.from_preset("124M", vocab_size=50257, pad_vocab_size_multiple=64)
+    eager_loss = getattr(modeling.chunked_lm_head_loss, "_torchdynamo_disable", False) or not compiled
+    recorder = Recorder(loss_eager=eager_loss)
+    original = modeling.chunked_lm_head_loss
+
+    def tagged(*args, **kwargs):
+        recorder.region = "loss"
+        try:
+            return original(*args, **kwargs)
+        finally:
+            recorder.region = "trunk"
+
+    def cuda_sum(accumulator, a, b):
+        return accumulator.addmm_(a, b) if a.dtype == accumulator.dtype else torch.addmm(accumulator, a, b, out_dtype=accumulator.dtype)
+
+    patches = [(modeling, "chunked_lm_head_loss", tagged)]
+    if hasattr(loss_module, "add_product"):
+        patches.append((loss_module, "add_product", cuda_sum))
+    saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
+    try:
+        for module, name, value in patches:
+            setattr(module, name, value)
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            model = modeling.MiniGPTForCausalLM(config).train()
+            windows = torch.zeros(batch, seq_len + 1, dtype=torch.long)
+            with recorder:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss = model(input_ids=windows[:, :-1], shift_labels=windows[:, 1:]).loss
+                recorder.backward = True
+                loss.backward()
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+    recorder.compiled = compiled
+    recorder.parameters = sum(p.numel() for p in model.parameters())
+    recorder.config = config
+    return recorder
+
+
+def kernels(recorder: Recorder) -> list[dict]:
+    """The recorded operations as device kernels. GEMMs, attention, reductions, gathers and scatters are
+    kernels of their own; eager operations too. A compiled elementwise operation is inlined into whatever
+    reads its result (the compiler's default) unless that result must exist in memory: read by a GEMM,
+    attention or an eager operation, kept for the backward pass, read by nothing in the step (a gradient, a
+    result), or computed from more than MAX_INLINED_SOURCES stored buffers. A kernel reads the stored buffers its inlined inputs come from, each once, and writes its
+    results. Elementwise kernels next to each other fuse into one, as the compiler fuses producers with
+    consumers and kernels that read the same inputs; a row maximum followed by the sum of exp(x - max) is
+    one pass (inductor's online softmax, on CUDA)."""
+    readers = {}
+    for op in recorder.ops:
+        for buffer, _ in op.reads:
+            readers.setdefault(buffer, []).append(op)
+    sources = {}  # an inlined buffer -> the stored buffers it is computed from, with their bytes
+
+    def stored(op, buffer, reads):
+        return (not recorder.compiled or op.eager or buffer not in readers or len(reads) > MAX_INLINED_SOURCES
+                or any(r.kind in ("gemm", "attention") or r.eager or r.backward > op.backward for r in readers[buffer]))  # fmt: skip
+
+
+    def origin(buffer, size):
+        return sources.get(buffer, {buffer: size})
+
+    result = []
+    for op in recorder.ops:
+        reads = {}
+        for buffer, size in op.reads:
+            reads.update(origin(buffer, size))
+        if op.kind == "pointwise" and not op.eager and not any(stored(op, b, reads) for b, _ in op.writes):
+            for buffer, _ in op.writes:
+                sources[buffer] = reads
+            continue
+        group = "loss" if op.region == "loss" else op.kind if op.kind in ("gemm", "attention") else "elementwise"
+        kernel = {"group": group, "kind": op.kind, "flops": op.flops, "misaligned": op.misaligned, "name": op.name,
+                  "reads": reads, "writes": dict(op.writes), "fusible": recorder.compiled and not op.eager and op.kind == "pointwise"}  # fmt: skip
+        previous = result[-1] if result else None
+        online_softmax = (previous and (previous["name"], op.name) == ("amax", "sum") and previous["group"] == group
+                          and set(previous["writes"]) <= set(reads) and recorder.compiled and not op.eager)  # fmt: skip
+        if online_softmax or (kernel["fusible"] and previous and previous["fusible"] and previous["group"] == group):
+            # Next to each other with nothing between, two elementwise kernels are one: inputs read once.
+            previous["reads"].update({b: n for b, n in reads.items() if b not in previous["writes"]})
+            previous["writes"].update(kernel["writes"])
+            continue
+        result.append(kernel)
+    for kernel in result:
+        kernel["bytes"] = sum(kernel.pop("reads").values()) + sum(kernel.pop("writes").values())
+    return result
+
+
+def seconds(kernel: dict, device: dict, attention: str) -> float:
+    memory = kernel["bytes"] / (device["bandwidth"] * HBM_EFFICIENCY)
+    if kernel.get("kind") == "gemm":
+        efficiency = MISALIGNED_EFFICIENCY if kernel["misaligned"] else GEMM_EFFICIENCY
+        compute = kernel["flops"] / (device["flops"] * efficiency)
+    elif kernel.get("kind") == "attention":
+        compute = kernel["flops"] / (device["flops"] * ATTENTION_EFFICIENCY[attention])
+    else:
+        compute = 0.0
+    return max(compute, memory, KERNEL_FLOOR_S)
+
+
+def predict(recorder: Recorder, batch: int, seq_len: int, attention: str) -> dict:
+    steps = kernels(recorder)
+    optimizer_bytes = recorder.parameters * (28 + 8)  # fused AdamW, and clipping's two reads of the fp32 gradients
+    tokens = batch * seq_len
+    model_flops = model_flops_per_token(recorder.config, seq_len) * tokens
+    out = {}
+    for name, device in DEVICES.items():
+        groups = {"gemm": 0.0, "attention": 0.0, "elementwise": 0.0, "loss": 0.0}
+        for kernel in steps:
+            groups[kernel["group"]] += seconds(kernel, device, attention)
+        groups["optimizer"] = optimizer_bytes / (device["bandwidth"] * HBM_EFFICIENCY)
+        total = sum(groups.values())
+        out[name] = {"ms": {k: 1000 * v for k, v in groups.items()}, "step_ms": 1000 * total,
+                     "share": {k: v / total for k, v in groups.items()}, "tokens_per_s": tokens / total,
+                     "mfu": model_flops / total / device["flops"]}  # fmt: skip
+    loss = [k for k in steps if k["group"] == "loss"]
+    out["work"] = {"kernels": len(steps), "loss_kernels": len(loss), "loss_bytes": sum(k["bytes"] for k in loss),
+                   "loss_gemm_flops": sum(k["flops"] for k in loss), "misaligned_gemms": sum(bool(k.get("misaligned")) for k in steps),
+                   "model_flops": model_flops, "tokens": tokens}  # fmt: skip
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--revision", default=None, help="the model files at this git revision (default: the working tree)")
+    p.add_argument("--batch", type=int, default=64, help="micro-batch (windows of --seq_len)")
+    p.add_argument("--seq_len", type=int, default=1024)
+    p.add_argument("--eager", action="store_true", help="the eager step (default: torch.compile)")
+    p.add_argument("--attention", choices=list(ATTENTION_EFFICIENCY), default="cudnn",
+                   help="the SDPA backend training runs (cudnn: what the training script prefers on Hopper)")  # fmt: skip
+    p.add_argument("--output", default=None, help="default: bench/results/roofline-<date>.json")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.revision:
+        from revision import model_at
+
+        modeling = model_at(args.revision)
+    else:
+        import modeling_minigpt as modeling
+    recorder = record_step(modeling, args.batch, args.seq_len, compiled=not args.eager)
+    prediction = predict(recorder, args.batch, args.seq_len, args.attention)
+    work = prediction["work"]
+    print(f"GPT-2 124M, {args.batch} x {args.seq_len}, bf16, {'eager' if args.eager else 'compiled'}, {args.attention} "
+          f"attention, model at {args.revision or 'the working tree'}: {work['kernels']} kernels ({work['loss_kernels']} "
+          f"in the loss, {work['loss_bytes'] / 1e9:.1f} GB moved there), {work['misaligned_gemms']} misaligned GEMMs")  # fmt: skip
+    for name in DEVICES:
+        d = prediction[name]
+        groups = " | ".join(f"{k} {v:.1f} ms ({d['share'][k]:.0%})" for k, v in d["ms"].items())
+        print(f"  {name}: {d['step_ms']:.1f} ms a step, {d['tokens_per_s']:,.0f} tokens/s, MFU {d['mfu']:.1%}\n    {groups}")
+    assumptions = {"gemm": GEMM_EFFICIENCY, "misaligned_gemm": MISALIGNED_EFFICIENCY, "attention": ATTENTION_EFFICIENCY,
+                   "hbm": HBM_EFFICIENCY, "kernel_floor_s": KERNEL_FLOOR_S}  # fmt: skip
+    write_report("roofline", {"args": vars(args), "assumptions": assumptions, "devices": DEVICES, **prediction}, args.output)
+
+
+if __name__ == "__main__":
+    main()
