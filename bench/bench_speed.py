@@ -1,9 +1,12 @@
 """Speed of MiniGPT against transformers' GPT2LMHeadModel (SDPA attention), measured in one process with
 the same config, data, dtype and thread count, in alternating rounds (who goes first alternates).
 
-    python bench/bench_speed.py                       # all CPU benchmarks (~10 min on 2 cores)
-    python bench/bench_speed.py --only train_step     # train_step | generate | script | gpu
-    python bench/bench_speed.py --only gpu            # GPT-2 124M, T=1024, bf16, eager and compiled (CUDA)
+    python bench/bench_speed.py                       # all CPU benchmarks (~25 min on 2 cores)
+    python bench/bench_speed.py --only train_step     # train_step | generate | script | modes
+    python bench/bench_speed.py --only modes --before HEAD~3 --nanogpt ../nanoGPT/model.py
+                                                      # eager/compiled x fp32/bf16, with peers and the code before
+
+On a GPU, bench/gpu_check.sh measures the step (ours against transformers' GPT-2, compiled).
 
 Each benchmark prints a table with the median ratio ours / transformers and its spread over rounds, and
 everything goes to bench/results/speed-<date>.json with the machine and versions. Peak memory is the peak RSS
@@ -11,7 +14,6 @@ of a fresh process doing the same steps (CPU) or torch.cuda.max_memory_allocated
 """
 
 import argparse
-import gc
 import statistics
 import subprocess
 import sys
@@ -27,7 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from configuration_minigpt import MiniGPTConfig  # noqa: E402
 from modeling_minigpt import MiniGPTForCausalLM  # noqa: E402
-from metrics import machine, model_flops_per_token, peak_bf16_flops, read_metrics  # noqa: E402
+from metrics import machine, read_metrics  # noqa: E402
 from report import write_report  # noqa: E402
 
 # The issue's CPU shapes: a small vocabulary, where the blocks dominate, and GPT-2's, where the
@@ -35,7 +37,6 @@ from report import write_report  # noqa: E402
 SHAPES = {
     "small_vocab": dict(n_layer=4, n_head=4, n_embd=256, vocab_size=8192, n_positions=256),
     "gpt2_vocab": dict(n_layer=6, n_head=6, n_embd=384, vocab_size=50304, n_positions=256),
-    "gpt2_124M": dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50304, n_positions=1024),
 }
 NO_DROPOUT = dict(embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0)
 
@@ -206,59 +207,97 @@ def bench_script(args) -> dict:
     return {"script_tokens_per_s": script_rates, "bare_tokens_per_s": bare_rates, "ratio": ratio, "peak_rss_mib": peak}
 
 
-# --- 4. GPU ----------------------------------------------------------------------------------------
+# --- 4. the training step's modes, with peers and the code before -------------------------------
 
 
-def gpu_runners(shape, batch_size, compiled, steps) -> dict:
-    runners = {}
-    for kind in ("ours", "transformers"):
-        model = build(kind, shape).cuda()
-        batch = torch.randint(0, shape["vocab_size"], (batch_size, 1024))
-        runners[kind] = train_step_runner(torch.compile(model) if compiled else model, batch, steps, "cuda", torch.bfloat16)
-    return runners
+def peer_models(args, shape) -> dict:
+    """The step's peers at GPT-2's vocabulary: ours (50,257 padded to 50,304, as the training script builds
+    it), ours at --before, transformers' GPT-2 (50,257) and, given its file, nanoGPT's model.py (50,304, its
+    own padding). Each as (model, loss of a batch)."""
+    eot = dict(bos_token_id=50256, eos_token_id=50256)
+    config = dict(shape, vocab_size=50257, **NO_DROPOUT, **eot)
+
+    def library_loss(model, batch):
+        return model(input_ids=batch, labels=batch).loss
+
+    torch.manual_seed(0)
+    peers = {"ours": (MiniGPTForCausalLM(MiniGPTConfig(**config, pad_vocab_size_multiple=64)), library_loss)}
+    if args.before:
+        from revision import model_at
+
+        before = model_at(args.before)
+        torch.manual_seed(0)
+        peers["ours_before"] = (before.MiniGPTForCausalLM(before.MiniGPTConfig(**config, pad_vocab_size_multiple=64)), library_loss)
+    torch.manual_seed(0)
+    peers["transformers"] = (GPT2LMHeadModel(GPT2Config(**config, attn_implementation="sdpa")), library_loss)
+    if args.nanogpt:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("nanogpt_model", args.nanogpt)
+        nanogpt = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(nanogpt)
+        torch.manual_seed(0)
+        gpt = nanogpt.GPT(nanogpt.GPTConfig(block_size=shape["n_positions"], vocab_size=50304, n_layer=shape["n_layer"],
+                                            n_head=shape["n_head"], n_embd=shape["n_embd"], dropout=0.0, bias=True))  # fmt: skip
+
+        def nanogpt_loss(model, batch):  # the same 255 predictions a row as the library's shifted labels
+            return model(batch, torch.cat([batch[:, 1:], torch.full_like(batch[:, :1], -1)], 1))[1]
+
+        peers["nanogpt"] = (gpt, nanogpt_loss)
+    return peers
 
 
-def bench_gpu(args) -> dict:
-    """GPT-2 124M, T=1024, bf16 autocast, fused AdamW, eager and torch.compile, the largest micro-batch
-    of args.gpu_batches that fits. MFU against the GPU's dense bf16 peak (H100 SXM: 989 TFLOP/s)."""
-    if not torch.cuda.is_available():
-        print("\n4. GPU: no CUDA device here; skipped")
-        return {"skipped": "no CUDA device"}
-    name = torch.cuda.get_device_name()
-    peak = peak_bf16_flops(name)
-    shape = SHAPES["gpt2_124M"]
-    flops_per_token = model_flops_per_token(MiniGPTConfig(**shape), 1024)
-    results = {"device": name, "peak_flops": peak}
+def mode_runner(model, loss_of, batch, steps, compiled, autocast):
+    """Forward + backward + AdamW on `batch`, eager or compiled (a fresh graph, fixed shape), fp32 or bf16."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    forward = torch.compile(model, dynamic=False) if compiled else model
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = loss_of(forward, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def run() -> float:
+        started = time.perf_counter()
+        for _ in range(steps):
+            step()
+        return batch.numel() * steps / (time.perf_counter() - started)
+
+    step()  # warm-up: compilation, the allocator, the optimizer's state
+    step()
+    return run
+
+
+def bench_train_modes(args) -> dict:
+    """The training step at GPT-2's vocabulary (6 x 384, batch 8 x 256), eager and compiled, fp32 and bf16
+    autocast: ours against each peer, in alternating rounds, per mode."""
+    shape = SHAPES["gpt2_vocab"]
+    batch = torch.randint(0, 50257, (8, 256), generator=torch.Generator().manual_seed(0))
+    results = {}
     for compiled in (False, True):
-        for batch_size in args.gpu_batches:
-            try:
-                runners = gpu_runners(shape, batch_size, compiled, args.gpu_steps)
-                rates = alternating(runners, args.rounds)
-            except torch.OutOfMemoryError:
-                runners = None
-            if runners is None:  # outside `except`: the failed attempt's tensors are released by now
-                gc.collect()
-                torch.cuda.empty_cache()
-                continue
-            memory = {}
-            for kind, runner in runners.items():  # what one step needs above the resident weights and states
-                resident = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-                runner()
-                memory[kind] = (torch.cuda.max_memory_allocated() - resident) / 2**30
-            mfu = {kind: statistics.median(r) * flops_per_token / peak for kind, r in rates.items()} if peak else {}
-            rows = ["step peak above resident memory (GiB): " + ", ".join(f"{k} {v:.1f}" for k, v in memory.items()),
-                    "MFU: " + ", ".join(f"{k} {v:.1%}" for k, v in mfu.items())]  # fmt: skip
-            mode = "compiled" if compiled else "eager"
-            title = f"4. {name}, GPT-2 124M, batch {batch_size} x 1024, bf16 autocast, {mode}"
-            results[mode] = {**report(title, rates, "tokens/s", rows), "batch_size": batch_size,
-                             "step_peak_gib": memory, "mfu": mfu}  # fmt: skip
+        for autocast in (False, True):
+            mode = f"{'compiled' if compiled else 'eager'}_{'bf16' if autocast else 'fp32'}"
+            torch._dynamo.reset()
+            runners = {name: mode_runner(model, loss_of, batch, args.steps, compiled, autocast)
+                       for name, (model, loss_of) in peer_models(args, shape).items()}  # fmt: skip
+            rates = alternating(runners, args.rounds)
+            print(f"\n4. training step, {mode}, GPT-2's vocabulary (6 x 384), batch 8 x 256")
+            for name, values in rates.items():
+                print(f"  {name:<13} {statistics.median(values):>8,.0f} tokens/s (rounds: {', '.join(f'{v:,.0f}' for v in values)})")
+            ratios = {}
+            for peer in [name for name in rates if name != "ours"]:
+                per_round = [o / p for o, p in zip(rates["ours"], rates[peer])]
+                ratios[peer] = {"median": statistics.median(per_round), "min": min(per_round), "max": max(per_round)}
+                print(f"  ours / {peer}: {spread(per_round)}")
+            results[mode] = {"rates": rates, "ratios": ratios}
             del runners
-            break
     return results
 
 
-BENCHMARKS = {"train_step": bench_train_step, "generate": bench_generate, "script": bench_script, "gpu": bench_gpu}
+BENCHMARKS = {"train_step": bench_train_step, "generate": bench_generate, "script": bench_script, "modes": bench_train_modes}
 
 
 def main():
@@ -267,8 +306,8 @@ def main():
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--steps", type=int, default=3, help="training steps per round and model (CPU)")
     p.add_argument("--new_tokens", type=int, default=64)
-    p.add_argument("--gpu_steps", type=int, default=10)
-    p.add_argument("--gpu_batches", type=int, nargs="+", default=[64, 48, 32, 16, 8])
+    p.add_argument("--before", default=None, help="modes: also our model as it was at this git revision")
+    p.add_argument("--nanogpt", default=None, help="modes: also nanoGPT's model.py, from this path (not shipped)")
     p.add_argument("--output", default=None, help="default: bench/results/speed-<date>.json")
     args = p.parse_args()
     info = machine()
