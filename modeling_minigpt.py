@@ -70,12 +70,17 @@ class CausalSelfAttention(nn.Module):
 
 def attention_with_weights(q, k, v, attn_mask, dropout):
     """What SDPA computes, written out so the (B, nh, T, S) attention weights can be returned: it holds
-    that tensor in memory and runs unfused, so it is used only when `output_attentions` asks for them."""
+    that tensor in memory and runs unfused, so it is used only when `output_attentions` asks for them. The
+    mask is SDPA's: boolean (True attends) or additive (added to the scores)."""
     T, S = q.shape[2], k.shape[2]
     if attn_mask is None:  # causal, with the queries being the last T of the S positions
         attn_mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, nh, T, S)
-    weights = scores.masked_fill(~attn_mask, float("-inf")).softmax(dim=-1)
+    if attn_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    else:
+        scores = scores + attn_mask
+    weights = scores.softmax(dim=-1)
     return F.dropout(weights, dropout) @ v, weights
 
 
@@ -116,6 +121,22 @@ class MiniGPTPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["cache", "past_key_values"]  # the cache's name from transformers 5.24, and before
     _supports_sdpa = True
     _can_compile_fullgraph = True
+
+    def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True) -> nn.Embedding:
+        """`new_num_tokens` real tokens in a table padded to `pad_to_multiple_of` (by default the model's own
+        `pad_vocab_size_multiple`, which it then becomes). The library would make the padded size the
+        vocabulary; here `vocab_size` stays the count of real tokens, so padding ids are never generated and the
+        saved folder reloads. Tokens past the old vocabulary are initialised as the library initialises new rows
+        (not left with the old padding rows' random values): the table is cut to the old vocabulary first, then
+        grown. The tied head follows the embedding."""
+        if new_num_tokens is None and pad_to_multiple_of is None:
+            return self.get_input_embeddings()
+        new_num_tokens = self.config.vocab_size if new_num_tokens is None else new_num_tokens
+        multiple = pad_to_multiple_of or self.config.pad_vocab_size_multiple
+        super().resize_token_embeddings(min(new_num_tokens, self.config.vocab_size), mean_resizing=mean_resizing)
+        embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of=multiple, mean_resizing=mean_resizing)
+        self.config.vocab_size, self.config.pad_vocab_size_multiple = new_num_tokens, multiple
+        return embeddings
 
     @torch.no_grad()
     def _init_weights(self, module):

@@ -189,3 +189,62 @@ def test_an_older_transformers_is_refused_at_load_in_one_line(tmp_path):
         f"ImportError: MiniGPT needs transformers >= {OLDEST_TRANSFORMERS}, found 5.16.1: "
         f"pip install 'transformers>={OLDEST_TRANSFORMERS}'"
     )
+
+
+def test_output_attentions_takes_an_additive_float_mask_as_gpt2_does(gpt2_and_ours):
+    """A 4-D mask may be boolean (True attends) or additive (0 or the dtype's minimum), as generate passes one
+    with a static cache: the weights path raised TypeError on a float mask. Both give GPT-2's numbers, and
+    compiled-style generation (static cache) with every output returns GPT-2's attentions."""
+    gpt2, ours = gpt2_and_ours
+    x = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(9))
+    allowed = torch.ones(10, 10, dtype=torch.bool).tril()[None, None].repeat(2, 1, 1, 1)
+    allowed[1, :, 4:, 2] = False
+    additive = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    with torch.no_grad():
+        theirs = gpt2(x, attention_mask=additive, output_attentions=True)
+        for mask in (additive, allowed):
+            mine = ours(x, attention_mask=mask, output_attentions=True)
+            torch.testing.assert_close(mine.logits, theirs.logits, atol=1e-5, rtol=0)
+            for a, b in zip(mine.attentions, theirs.attentions):
+                torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    options = dict(max_new_tokens=5, do_sample=False, cache_implementation="static", output_attentions=True,
+                   return_dict_in_generate=True, pad_token_id=VOCAB - 1, attention_mask=torch.ones_like(x[:, :4]))  # fmt: skip
+    mine, theirs = ours.generate(x[:, :4], **options), gpt2.generate(x[:, :4], **options)
+    assert torch.equal(mine.sequences, theirs.sequences)
+    for step_mine, step_theirs in zip(mine.attentions, theirs.attentions):
+        for a, b in zip(step_mine, step_theirs):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("pad_to_multiple_of", [None, 128])
+def test_adding_tokens_to_a_padded_vocabulary_keeps_config_and_weights_one_checkpoint(pad_to_multiple_of, tmp_path):
+    """Every model the training script makes is padded (1,000 tokens in 1,024 rows here). After
+    `resize_token_embeddings`: `vocab_size` counts the real tokens and the rows are its padded size, so the
+    saved folder reloads; the new tokens are initialised as the library initialises GPT-2's (the same rows
+    for the same seed), not left with the old padding rows; no padding id is ever generated; the tied head
+    follows. Before, the folder failed to reload on a size mismatch."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(**TINY)).eval()
+    ours = MiniGPTForCausalLM.from_gpt2(gpt2, pad_vocab_size_multiple=64).eval()
+    torch.manual_seed(1)
+    gpt2.resize_token_embeddings(VOCAB + 10)
+    torch.manual_seed(1)
+    ours.resize_token_embeddings(VOCAB + 10, pad_to_multiple_of=pad_to_multiple_of)
+    multiple = pad_to_multiple_of or 64
+    rows = -(-(VOCAB + 10) // multiple) * multiple
+    assert ours.config.vocab_size == VOCAB + 10 and ours.config.pad_vocab_size_multiple == multiple
+    assert ours.transformer.wte.weight.shape[0] == ours.config.padded_vocab_size == rows
+    assert ours.lm_head.weight is ours.transformer.wte.weight
+    torch.testing.assert_close(ours.transformer.wte.weight[: VOCAB + 10], gpt2.transformer.wte.weight, atol=1e-5, rtol=0)
+    x = torch.randint(0, VOCAB + 10, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x).logits, gpt2(x).logits, atol=1e-4, rtol=0)
+    ours.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x).logits, ours(x).logits, atol=0, rtol=0)
+        reloaded.transformer.wte.weight[VOCAB + 10 :] = 100.0  # padding rows that would win every argmax if unmasked
+    sampled = reloaded.generate(x[:, :3], max_new_tokens=30, do_sample=True, temperature=5.0, pad_token_id=VOCAB - 1)
+    assert sampled.max() < VOCAB + 10
