@@ -23,6 +23,7 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers import initialization as init
+from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
@@ -214,14 +215,19 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
         _check_context(cache, past_length, T, self.config.n_positions)
         prepared_mask = attention_mask is not None and attention_mask.dim() == 4  # (B, 1, T, keys): used as is
         padding = None if prepared_mask else attention_mask
-        if position_ids is None:
-            position_ids = _position_ids(padding, past_length, T, inputs_embeds.device)
+        static_cache = cache is not None and cache.is_compileable
         attn_mask = None  # causal: a full sequence, or one new token that sees the whole dynamic cache
         if prepared_mask:  # generate prepares one for a static cache
             attn_mask = attention_mask
-        elif padding is not None or (cache is not None and (cache.is_compileable or (T > 1 and past_length > 0))):
+        elif padding is not None or static_cache or (T > 1 and past_length > 0):
             key_length = cache.get_mask_sizes(T, 0)[0] if cache is not None else T
             attn_mask = _causal_mask(padding, past_length, T, key_length, inputs_embeds.device)
+        elif position_ids is not None and past_length == 0:
+            # Documents packed into a row (DataCollatorWithFlattening) restart their positions, and each attends
+            # only within itself: the library's mask utilities find the restarts (None where there are none).
+            attn_mask = create_causal_mask(self.config, inputs_embeds, None, None, position_ids)
+        if position_ids is None:
+            position_ids = _position_ids(padding, past_length, T, inputs_embeds.device)
 
         x = self.drop(inputs_embeds + self.wpe(position_ids))
         hidden_states, attentions = [], []

@@ -191,11 +191,13 @@ def test_an_older_transformers_is_refused_at_load_in_one_line(tmp_path):
     )
 
 
-def test_output_attentions_takes_an_additive_float_mask_as_gpt2_does(gpt2_and_ours):
+def test_output_attentions_takes_an_additive_float_mask_as_gpt2_does():
     """A 4-D mask may be boolean (True attends) or additive (0 or the dtype's minimum), as generate passes one
     with a static cache: the weights path raised TypeError on a float mask. Both give GPT-2's numbers, and
     compiled-style generation (static cache) with every output returns GPT-2's attentions."""
-    gpt2, ours = gpt2_and_ours
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(**TINY, attn_implementation="eager")).eval()
+    ours = MiniGPTForCausalLM.from_gpt2(gpt2).eval()
     x = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(9))
     allowed = torch.ones(10, 10, dtype=torch.bool).tril()[None, None].repeat(2, 1, 1, 1)
     allowed[1, :, 4:, 2] = False
@@ -248,3 +250,37 @@ def test_adding_tokens_to_a_padded_vocabulary_keeps_config_and_weights_one_check
         reloaded.transformer.wte.weight[VOCAB + 10 :] = 100.0  # padding rows that would win every argmax if unmasked
     sampled = reloaded.generate(x[:, :3], max_new_tokens=30, do_sample=True, temperature=5.0, pad_token_id=VOCAB - 1)
     assert sampled.max() < VOCAB + 10
+
+
+def test_packed_documents_attend_each_within_itself_as_alone(gpt2_and_ours, tmp_path):
+    """DataCollatorWithFlattening packs documents into one row and restarts `position_ids` at each: every
+    document's logits must be its own, alone (before: 0.09 off, attending across the boundaries, with no
+    error), as GPT-2's are; and padding-free fine-tuning through the Trainer must train on the loss of the
+    documents alone, the training path (the chunked loss, train mode) included."""
+    from datasets import Dataset
+    from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments
+
+    gpt2, ours = gpt2_and_ours
+    generator = torch.Generator().manual_seed(11)
+    docs = [torch.randint(0, VOCAB, (n,), generator=generator) for n in (5, 7, 4)]
+    packed = DataCollatorWithFlattening()([{"input_ids": d.tolist()} for d in docs])
+    with torch.no_grad():
+        alone = torch.cat([ours(d[None]).logits[0] for d in docs])
+        mine = ours(packed["input_ids"], position_ids=packed["position_ids"]).logits[0]
+        theirs = gpt2(packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits[0]
+    torch.testing.assert_close(mine, alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(theirs, alone, atol=1e-5, rtol=0)
+
+    model = MiniGPTForCausalLM.from_gpt2(gpt2, embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0).train()
+    loss = model(**packed).loss  # train mode, gradients on: the chunked loss
+    with torch.no_grad():
+        logits = [model(d[None]).logits[0, :-1] for d in docs]
+    expected = torch.nn.functional.cross_entropy(torch.cat(logits), torch.cat([d[1:] for d in docs]))
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=0)
+
+    rows = Dataset.from_dict({"input_ids": [d.tolist() for d in docs] * 4})
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=3, report_to=[],
+                             use_cpu=True, learning_rate=0.0, logging_steps=1)  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=DataCollatorWithFlattening())
+    trainer.train()
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(expected.item(), rel=1e-4)
