@@ -9,6 +9,7 @@ imports relatively (`configuration_minigpt`, `loss_minigpt`); otherwise it impor
 """
 
 import dataclasses
+import inspect
 import math
 
 import torch
@@ -18,6 +19,7 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
+    Cache,
     DynamicCache,
     GenerationMixin,
     PreTrainedModel,
@@ -26,6 +28,8 @@ from transformers import initialization as init
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 try:  # as Hub remote code (a package) ...
     from .configuration_minigpt import MiniGPTConfig
@@ -38,41 +42,52 @@ except ImportError:  # ... or as top-level modules of this repository's scripts
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: MiniGPTConfig, layer_idx: int):
         super().__init__()
+        self.config = config  # read at every call: `set_attn_implementation` changes the implementation in it
         self.n_head = config.n_head
         self.layer_idx = layer_idx  # which slot of the KV cache is ours
+        self.is_causal = True  # read by the library's attention functions
+        self.scaling = (config.n_embd // config.n_head) ** -0.5
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.c_proj.is_residual_projection = True  # its init is scaled by depth: see _init_weights
         self.attn_pdrop = config.attn_pdrop
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
-    def forward(self, x, attn_mask=None, cache=None, output_attentions=False):
-        """`attn_mask` None means plain causal attention: over a full sequence, or one new token seeing
-        every cached one. Returns the output and, only when asked, the attention weights."""
+    def forward(self, x, attn_mask=None, cache=None, output_attentions=False, **kwargs):
+        """`attn_mask` is the one the model made for the implementation in use; for ours, None means plain causal
+        attention. `kwargs` carry what the library's implementations read (positions, continuous batching's
+        indices). Returns the output and the attention weights (None unless asked for, or from an implementation
+        that has none)."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        if cache is not None:
+        if isinstance(cache, Cache):
             k, v = cache.update(k, v, self.layer_idx)  # (B, nh, past + T, hs)
+        elif cache is not None:
+            k, v = update_paged_cache(cache, k, v, self.layer_idx, kwargs)
+        attend = attention_function(self.config._attn_implementation, output_attentions)
         dropout = self.attn_pdrop if self.training else 0.0
-        if output_attentions:
-            y, weights = attention_with_weights(q, k, v, attn_mask, dropout)
-        else:
-            # A full sequence without a mask takes SDPA's is_causal kernel. Under torch.compile with dynamic
-            # shapes `T > 1` is a symbolic bool, which SDPA refuses: branching on it makes it a guard instead.
-            is_causal = True if attn_mask is None and T > 1 else False
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal)
-            weights = None
-        y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble all head outputs side by side
+        y, weights = attend(self, q, k, v, attn_mask, dropout=dropout, scaling=self.scaling, **kwargs)
+        y = y.reshape(B, T, C)  # (B, T, nh, hs) -> all head outputs side by side
         return self.resid_dropout(self.c_proj(y)), weights
 
 
-def attention_with_weights(q, k, v, attn_mask, dropout):
-    """What SDPA computes, written out so the (B, nh, T, S) attention weights can be returned: it holds
-    that tensor in memory and runs unfused, so it is used only when `output_attentions` asks for them. The
-    mask is SDPA's: boolean (True attends) or additive (added to the scores)."""
+def sdpa_attention(module, q, k, v, attn_mask, dropout=0.0, **kwargs):
+    """MiniGPT's default, "sdpa": one fused kernel, SDPA's mask (boolean, True attends, or additive). Without a
+    mask it is causal: over a full sequence, or one new token seeing every cached one. Signature and (B, T, nh, hs)
+    output as the library's attention functions."""
+    # A full sequence without a mask takes SDPA's is_causal kernel. Under torch.compile with dynamic shapes
+    # `T > 1` is a symbolic bool, which SDPA refuses: branching on it makes it a guard instead.
+    is_causal = True if attn_mask is None and q.shape[2] > 1 else False
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal)
+    return y.transpose(1, 2), None
+
+
+def eager_attention(module, q, k, v, attn_mask, dropout=0.0, **kwargs):
+    """"eager": what SDPA computes, written out so the (B, nh, T, S) attention weights can be returned. It holds
+    that tensor in memory and runs unfused, so "sdpa" uses it only when `output_attentions` asks for weights."""
     T, S = q.shape[2], k.shape[2]
     if attn_mask is None:  # causal, with the queries being the last T of the S positions
         attn_mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
@@ -82,7 +97,37 @@ def attention_with_weights(q, k, v, attn_mask, dropout):
     else:
         scores = scores + attn_mask
     weights = scores.softmax(dim=-1)
-    return F.dropout(weights, dropout) @ v, weights
+    return (F.dropout(weights, dropout) @ v).transpose(1, 2), weights
+
+
+# Our own implementations, under the library's names. They take the model's own masks (None for plain causal
+# attention); every other implementation gets the library's masks.
+OWN_ATTENTION = {"sdpa": sdpa_attention, "eager": eager_attention}
+
+
+def attention_function(implementation, output_attentions):
+    """"sdpa" (the default) and "eager" are ours; any other name comes from the library's registry: flash attention,
+    flex attention, paged attention, kernels from the Hub, or a function a user registered."""
+    implementation = implementation or "sdpa"  # unset on a model built outside `from_pretrained`/`__init__`
+    if output_attentions and implementation == "sdpa":
+        implementation = "eager"  # a fused kernel has no weights to return
+    if is_own(implementation):
+        return OWN_ATTENTION[implementation]
+    return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention)
+
+
+def is_own(implementation) -> bool:
+    return implementation is None or implementation in OWN_ATTENTION
+
+
+def update_paged_cache(cache, k, v, layer_idx, kwargs):
+    """Continuous batching's paged cache (not a `Cache`). From transformers 5.2x the model writes to it, reading
+    the batch's indices from `kwargs` (which it narrows to this layer); before, the paged attention function did,
+    given the cache among its keyword arguments."""
+    if "kwargs" in inspect.signature(cache.update).parameters:
+        return cache.update(k, v, layer_idx, kwargs=kwargs)
+    kwargs["cache"] = cache
+    return k, v
 
 
 class MLP(nn.Module):
@@ -108,8 +153,8 @@ class Block(GradientCheckpointingLayer):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, attn_mask=None, cache=None, output_attentions=False):
-        attended, weights = self.attn(self.ln_1(x), attn_mask, cache, output_attentions)
+    def forward(self, x, attn_mask=None, cache=None, output_attentions=False, **kwargs):
+        attended, weights = self.attn(self.ln_1(x), attn_mask, cache, output_attentions, **kwargs)
         x = x + attended
         return x + self.mlp(self.ln_2(x)), weights
 
@@ -121,7 +166,12 @@ class MiniGPTPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["Block"]
     _skip_keys_device_placement = ["cache", "past_key_values"]  # the cache's name from transformers 5.24, and before
     _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True  # attention through the library's interface: vLLM's Transformers backend
     _can_compile_fullgraph = True
+    # What `output_hidden_states` (all, or chosen layers) and `output_attentions` collect, by hooks (capture_outputs).
+    _can_record_outputs = {"hidden_states": Block, "attentions": OutputRecorder(CausalSelfAttention, index=1)}
 
     def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True) -> nn.Embedding:
         """`new_num_tokens` real tokens in a table padded to `pad_to_multiple_of` (by default the model's own
@@ -179,70 +229,67 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
     def set_input_embeddings(self, new_embeddings):
         self.wte = new_embeddings
 
-    def forward(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        position_ids=None,
-        cache=None,
-        inputs_embeds=None,
-        use_cache=None,
-        output_attentions=None,
-        output_hidden_states=None,
-        return_dict=None,
-        past_key_values=None,
-        **kwargs,
-    ) -> BaseModelOutputWithPast:
-        """As transformers' GPT2Model: `hidden_states` are the embeddings' output and every block's (the last
-        after `ln_f`); `attentions` come from an unfused path, so they cost time and memory when asked for."""
+    @capture_outputs
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                use_cache=None, past_key_values=None, **kwargs) -> BaseModelOutputWithPast:  # fmt: skip
+        """As transformers' GPT2Model. The library's hooks (`_can_record_outputs`) collect `output_hidden_states`
+        (True, or the indices of those to keep: the embeddings' output, then every block's, the last after `ln_f`)
+        and `output_attentions` (with "sdpa", from the unfused "eager" path: they cost time and memory)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        output_attentions = _flag(output_attentions, self.config.output_attentions)
-        output_hidden_states = _flag(output_hidden_states, self.config.output_hidden_states)
+        output_attentions = _flag(kwargs.pop("output_attentions", None), self.config.output_attentions)
+        kwargs.pop("output_hidden_states", None)
         if inputs_embeds is None:
             inputs_embeds = self.wte(input_ids)
         T = inputs_embeds.shape[1]
         if use_cache is None:  # a cache only pays off when generating; in training it just holds memory
             use_cache = self.config.use_cache and not self.training
         cache = one_cache(cache, past_key_values)
-        if not use_cache:
-            cache = None
-        elif cache is None:
+        if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
+        # Continuous batching's paged cache is not a `Cache`: its batches bring their positions and masks.
         # A static cache (what compiled generation uses) counts its tokens in a tensor and hands attention
         # all of its preallocated slots; a dynamic one counts in Python and hands over exactly past + T keys.
-        past_length = cache.get_seq_length() if cache is not None else 0
-        _check_context(cache, past_length, T, self.config.n_positions)
-        prepared_mask = attention_mask is not None and attention_mask.dim() == 4  # (B, 1, T, keys): used as is
-        padding = None if prepared_mask else attention_mask
-        static_cache = cache is not None and cache.is_compileable
-        attn_mask = None  # causal: a full sequence, or one new token that sees the whole dynamic cache
-        if prepared_mask:  # generate prepares one for a static cache
-            attn_mask = attention_mask
-        elif padding is not None or static_cache or (T > 1 and past_length > 0):
-            key_length = cache.get_mask_sizes(T, 0)[0] if cache is not None else T
-            attn_mask = _causal_mask(padding, past_length, T, key_length, inputs_embeds.device)
-        elif position_ids is not None and past_length == 0:
-            # Documents packed into a row (DataCollatorWithFlattening) restart their positions, and each attends
-            # only within itself: the library's mask utilities find the restarts (None where there are none).
-            attn_mask = create_causal_mask(self.config, inputs_embeds, None, None, position_ids)
+        past_length = cache.get_seq_length() if isinstance(cache, Cache) else 0
+        if cache is None or isinstance(cache, Cache):
+            _check_context(cache, past_length, T, self.config.n_positions)
+        given_positions = position_ids  # restarting, they mark packed documents
         if position_ids is None:
+            padding = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
             position_ids = _position_ids(padding, past_length, T, inputs_embeds.device)
+        if is_own(self.config._attn_implementation):
+            attn_mask = self._own_mask(attention_mask, cache, past_length, inputs_embeds, given_positions)
+        else:
+            attn_mask = self._library_mask(attention_mask, cache, past_length, inputs_embeds, position_ids)
 
         x = self.drop(inputs_embeds + self.wpe(position_ids))
-        hidden_states, attentions = [], []
         for block in self.h:
-            hidden_states.append(x)
-            x, weights = block(x, attn_mask, cache, output_attentions)
-            attentions.append(weights)
-        x = self.ln_f(x)
-        output = BaseModelOutputWithPast(
-            last_hidden_state=x,
-            **{CACHE_FIELD: cache},
-            hidden_states=(*hidden_states, x) if output_hidden_states else None,
-            attentions=tuple(attentions) if output_attentions else None,
-        )
-        return output if _flag(return_dict, self.config.return_dict) else output.to_tuple()
+            x, _ = block(x, attn_mask, cache, output_attentions, position_ids=position_ids, **kwargs)
+        return BaseModelOutputWithPast(last_hidden_state=self.ln_f(x), **{CACHE_FIELD: cache if use_cache else None})
+
+    def _own_mask(self, attention_mask, cache, past_length, inputs_embeds, position_ids):
+        """The mask our own implementations take: None for plain causal attention (a full sequence, or one new token
+        that sees the whole dynamic cache), so that SDPA runs its causal kernel; else boolean, True attends."""
+        T = inputs_embeds.shape[1]
+        if attention_mask is not None and attention_mask.dim() == 4:  # prepared (generate with a static cache): as is
+            return attention_mask
+        if attention_mask is not None or (cache is not None and cache.is_compileable) or (T > 1 and past_length > 0):
+            key_length = cache.get_mask_sizes(T, 0)[0] if cache is not None else T
+            return _causal_mask(attention_mask, past_length, T, key_length, inputs_embeds.device)
+        if position_ids is not None and past_length == 0:
+            # Documents packed into a row (DataCollatorWithFlattening) restart their positions, and each attends
+            # only within itself: the library's mask utilities find the restarts (None where there are none).
+            return create_causal_mask(self.config, inputs_embeds, None, None, position_ids)
+        return None
+
+    def _library_mask(self, attention_mask, cache, past_length, inputs_embeds, position_ids):
+        """The mask in the form the library's implementation in use takes (a BlockMask for flex attention, none
+        for flash attention, ...), from the library's mask utilities."""
+        if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.dtype == torch.bool:
+            attention_mask = _additive(attention_mask, inputs_embeds.dtype)  # the library's functions add 4-D masks
+        if isinstance(cache, Cache) and not cache.is_compileable and past_length == 0:
+            cache = None  # an empty dynamic cache changes no mask; left out, it lets the library find packed documents
+        return create_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids)
 
 
 # transformers 5.24 renamed the KV cache from `past_key_values` to `cache`: the argument `generate` passes to
@@ -287,6 +334,11 @@ def _position_ids(attention_mask, past_length, T, device):
     return positions[:, new_tokens]  # (B, T)
 
 
+def _additive(allowed, dtype):
+    """A boolean mask (True attends) as the additive one the library's attention functions take."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
 def _causal_mask(attention_mask, past_length, T, key_length, device):
     """Boolean (B or 1, 1, T, key_length) mask: query i (position past + i) sees keys up to its own
     position, and with `attention_mask` only real ones. Slots of a preallocated cache beyond the newest
@@ -325,17 +377,18 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
         self.lm_head = new_embeddings
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None, labels=None,
-                use_cache=None, logits_to_keep=0, num_items_in_batch=None, output_attentions=None,
-                output_hidden_states=None, return_dict=None, past_key_values=None, **kwargs) -> CausalLMOutputWithPast:  # fmt: skip
+                use_cache=None, logits_to_keep=0, num_items_in_batch=None, return_dict=None, past_key_values=None,
+                **kwargs) -> CausalLMOutputWithPast:  # fmt: skip
         """`labels` are the inputs themselves (shifted inside), or `shift_labels=` (a keyword, as transformers'
         loss functions take it) the next tokens. Only `labels` is named in the signature: the Trainer treats
         every argument with "label" in its name as a label column. Without labels, `logits_to_keep` keeps the
         last that many positions (an int; 0 keeps all, generate asks for 1) or selects them (a tensor). The
-        KV cache comes as `cache` (transformers >= 5.24) or `past_key_values`."""
+        KV cache comes as `cache` (transformers >= 5.24) or `past_key_values`. Other keywords go to the trunk:
+        output options, and what the library's attention implementations read."""
+        shift_labels = kwargs.pop("shift_labels", None)
         outputs = self.transformer(input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache,
-                                   output_attentions, output_hidden_states, return_dict=True,
-                                   past_key_values=past_key_values)  # fmt: skip
-        hidden_states, shift_labels = outputs.last_hidden_state, kwargs.get("shift_labels")
+                                   past_key_values, return_dict=True, **kwargs)  # fmt: skip
+        hidden_states = outputs.last_hidden_state
         training = self.training and torch.is_grad_enabled()
         loss = logits = None
         if labels is None and shift_labels is None:  # inference rarely needs every position

@@ -5,6 +5,8 @@ the same config, data, dtype and thread count, in alternating rounds (who goes f
     python bench/bench_speed.py --only train_step     # train_step | generate | script | modes
     python bench/bench_speed.py --only modes --before HEAD~3 --nanogpt ../nanoGPT/model.py
                                                       # eager/compiled x fp32/bf16, with peers and the code before
+    python bench/bench_speed.py --only train_step --only generate --before HEAD~1
+                                                      # also the code before, in the same rounds
 
 On a GPU, bench/gpu_check.sh measures the step (ours against transformers' GPT-2, compiled).
 
@@ -41,12 +43,23 @@ SHAPES = {
 NO_DROPOUT = dict(embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0)
 
 
-def build(kind: str, shape: dict):
+def build(kind: str, shape: dict, before: str | None = None):
+    """"ours", "transformers" (GPT2LMHeadModel, SDPA) or "ours_before" (ours at revision `before`)."""
     torch.manual_seed(0)
     eot = dict(bos_token_id=shape["vocab_size"] - 1, eos_token_id=shape["vocab_size"] - 1)
     if kind == "ours":
         return MiniGPTForCausalLM(MiniGPTConfig(**shape, **NO_DROPOUT, **eot))
+    if kind == "ours_before":
+        from revision import model_at
+
+        module = model_at(before)
+        return module.MiniGPTForCausalLM(module.MiniGPTConfig(**shape, **NO_DROPOUT, **eot))
     return GPT2LMHeadModel(GPT2Config(**shape, **NO_DROPOUT, **eot, attn_implementation="sdpa"))
+
+
+def kinds(args) -> tuple[str, ...]:
+    """The models the training-step and generation benchmarks compare, in alternating rounds."""
+    return ("ours", "transformers", "ours_before") if args.before else ("ours", "transformers")
 
 
 def spread(values) -> str:
@@ -70,7 +83,15 @@ def report(title, rates, unit, extra_rows=()) -> dict:
     for row in extra_rows:
         print(f"  {row}")
     print(f"  ratio ours / transformers: {spread(ratios)}  (median [min-max] of per-round ratios)")
-    return {"unit": unit, "rates": rates, "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
+    result = {"unit": unit, "rates": rates, "ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
+              "ratio_max": max(ratios)}  # fmt: skip
+    if "ours_before" in rates:
+        before = [b / t for b, t in zip(rates["ours_before"], rates["transformers"])]
+        after_before = [o / b for o, b in zip(rates["ours"], rates["ours_before"])]
+        print(f"  ratio ours_before / transformers: {spread(before)}; ours / ours_before: {spread(after_before)}")
+        result["before"] = {"ratio_median": statistics.median(before), "ratio_min": min(before), "ratio_max": max(before),
+                            "after_over_before": statistics.median(after_before)}  # fmt: skip
+    return result
 
 
 # --- 1. training step ------------------------------------------------------------------------------
@@ -129,9 +150,9 @@ def bench_train_step(args) -> dict:
     for shape_name in ("small_vocab", "gpt2_vocab"):
         shape = SHAPES[shape_name]
         batch = torch.randint(0, shape["vocab_size"], (8, 256), generator=torch.Generator().manual_seed(0))
-        runners = {kind: train_step_runner(build(kind, shape), batch, args.steps) for kind in ("ours", "transformers")}
+        runners = {kind: train_step_runner(build(kind, shape, args.before), batch, args.steps) for kind in kinds(args)}
         rates = alternating(runners, args.rounds)
-        memory = {kind: train_step_peak_rss(kind, shape_name, 8, 256) for kind in runners}
+        memory = {kind: train_step_peak_rss(kind, shape_name, 8, 256) for kind in ("ours", "transformers")}
         rows = [f"peak RSS (MiB): ours {memory['ours']:,.0f}, transformers {memory['transformers']:,.0f}"]
         title = f"1. training step, fp32 CPU, {shape_name}: {shape}, batch 8 x 256"
         results[shape_name] = {**report(title, rates, "tokens/s", rows), "peak_rss_mib": memory, "shape": shape}
@@ -166,8 +187,8 @@ def bench_generate(args) -> dict:
         attention_mask = torch.ones_like(input_ids)
         for row in range(batch_size):  # left padding: prompts of 32, 29, 26, ... tokens
             attention_mask[row, : 3 * row] = 0
-        runners = {kind: generate_runner(build(kind, shape), input_ids, attention_mask, args.new_tokens)
-                   for kind in ("ours", "transformers")}  # fmt: skip
+        runners = {kind: generate_runner(build(kind, shape, args.before), input_ids, attention_mask, args.new_tokens)
+                   for kind in kinds(args)}  # fmt: skip
         title = f"2. generation with KV cache, greedy, {args.new_tokens} new tokens, batch {batch_size} (left-padded), gpt2_vocab"
         results[f"batch_{batch_size}"] = report(title, alternating(runners, args.rounds), "new tokens/s")
     return results
@@ -306,7 +327,7 @@ def main():
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--steps", type=int, default=3, help="training steps per round and model (CPU)")
     p.add_argument("--new_tokens", type=int, default=64)
-    p.add_argument("--before", default=None, help="modes: also our model as it was at this git revision")
+    p.add_argument("--before", default=None, help="also our model as it was at this git revision (not in script)")
     p.add_argument("--nanogpt", default=None, help="modes: also nanoGPT's model.py, from this path (not shipped)")
     p.add_argument("--output", default=None, help="default: bench/results/speed-<date>.json")
     args = p.parse_args()
