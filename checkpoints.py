@@ -166,3 +166,14 @@ def check_same_model(checkpoint: Path, config, optimizer: str) -> None:
                  if getattr(saved, f) != getattr(config, f)]  # fmt: skip
     if differing:
         raise ValueError(f"cannot resume {checkpoint} into a different model ({'; '.join(differing)})")
+
+
+def find_tokenizer(model_path: str, explicit: str | None) -> str:
+    """`--tokenizer`, else the model's own folder or Hub id, else (a training checkpoint) the tokenizer
+    of the data directory it was trained on."""
+    if explicit:
+        return explicit
+    args_file = Path(model_path) / ARGS_FILE
+    if not (Path(model_path) / "tokenizer.json").exists() and args_file.exists():
+        return str(Path(json.loads(args_file.read_text())["data_dir"]) / "tokenizer")
+    return model_path

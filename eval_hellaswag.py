@@ -33,7 +33,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import modeling_minigpt  # noqa: F401  registers MiniGPT with the Auto classes: training checkpoints hold no code
 from atomic_writes import write_text_atomically
-from validation import check_same_tokenizer, check_seq_len, check_val_windows, device_of, padded_share, val_loss
+from checkpoints import find_tokenizer
+from validation import (
+    bits_per_byte,
+    bits_per_byte_note,
+    check_same_tokenizer,
+    check_seq_len,
+    check_val_windows,
+    device_of,
+    padded_share,
+    val_loss,
+)
 
 HUB_DATASET = "Rowan/hellaswag"
 CONVENTIONS = ("completion", "harness")
@@ -250,17 +260,6 @@ def evaluate_hellaswag(model, tokenizer, examples, accelerator=None, batch_size=
 # --- models ----------------------------------------------------------------------------------------
 
 
-def find_tokenizer(model_path: str, explicit: str | None) -> str:
-    """`--tokenizer`, else the model's own folder or Hub id, else (a training checkpoint) the tokenizer
-    of the data directory it was trained on."""
-    if explicit:
-        return explicit
-    args_file = Path(model_path) / "training_args.json"
-    if not (Path(model_path) / "tokenizer.json").exists() and args_file.exists():
-        return str(Path(json.loads(args_file.read_text())["data_dir"]) / "tokenizer")
-    return model_path
-
-
 def check_model_path(model_path: str) -> None:
     """A local folder must hold a saved model; what is not a folder is taken as a Hub id, which, unlike a
     path, has at most one "/" and no leading "." or "/" (a mistyped path would otherwise be reported by
@@ -314,13 +313,15 @@ def parse_args(argv=None):
 
 
 def table(results: list[dict]) -> str:
-    header = f"{'model':<40} {'params':>12} {'acc':>7} {'acc_norm':>9} {'lm-eval acc':>12} {'lm-eval acc_norm':>17} {'val loss':>9}"
+    header = (f"{'model':<40} {'params':>12} {'acc':>7} {'acc_norm':>9} {'lm-eval acc':>12} {'lm-eval acc_norm':>17} "
+              f"{'val loss':>9} {'val bpb':>8}")  # fmt: skip
     lines = [header, "-" * len(header)]
     for r in results:
         val = f"{r['val_loss']:.4f}" if r.get("val_loss") is not None else "-"
+        bpb = f"{r['val_bpb']:.4f}" if r.get("val_bpb") is not None else "-"
         c, h = r["completion"], r["harness"]
         lines.append(f"{r['model'][-40:]:<40} {r['parameters']:>12,} {c['acc']:>7.4f} {c['acc_norm']:>9.4f} "
-                     f"{h['acc']:>12.4f} {h['acc_norm']:>17.4f} {val:>9}")  # fmt: skip
+                     f"{h['acc']:>12.4f} {h['acc_norm']:>17.4f} {val:>9} {bpb:>8}")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -331,6 +332,8 @@ def main(argv=None):
     if dtype is None:
         dtype = torch.bfloat16 if accelerator.device.type == "cuda" else torch.float32
     examples = load_examples(args.hellaswag, args.limit)
+    if args.data_dir and (note := bits_per_byte_note(args.data_dir)):
+        accelerator.print(note)
     results = []
     for model_path in args.model:
         model, tokenizer = load(model_path, args.tokenizer, accelerator.device, dtype)
@@ -344,9 +347,10 @@ def main(argv=None):
         accelerator.print(f"{model_path}: {len(examples)} examples on {accelerator.num_processes} process(es), {dtype}")
         scores = evaluate_hellaswag(model, tokenizer, examples, accelerator, args.batch_size)
         result = {"model": model_path, "parameters": model.num_parameters(), "completion": scores["completion"],
-                  "harness": scores["harness"], "val_loss": None}  # fmt: skip
+                  "harness": scores["harness"], "val_loss": None, "val_bpb": None}  # fmt: skip
         if args.data_dir:
             result["val_loss"] = val_loss(model, args.data_dir, args.val_batch_size, seq_len, args.val_batches, accelerator)
+            result["val_bpb"] = bits_per_byte(result["val_loss"], args.data_dir)
         results.append(result)
         del model
     if accelerator.is_main_process:

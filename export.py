@@ -42,6 +42,10 @@ def export_model(accelerator, model, args, summary: dict, destination: Path, bas
         put_in_place(temporary, destination)
         if args.export_gpt2:
             export_gpt2(destination, destination.with_name(destination.name + "-gpt2"))
+        if args.export_gguf:
+            from export_gguf import export_gguf  # gguf is imported only when asked for: the GPU images lack it
+
+            export_gguf(destination, destination.with_name(f"{destination.name}-{args.export_gguf}.gguf"), args.export_gguf)
     accelerator.wait_for_everyone()
 
 
@@ -63,6 +67,10 @@ def model_card(args, summary: dict, base_model: str | None) -> ModelCard:
     results = [EvalResult(task_type="text-generation", dataset_type=hub_dataset or source, dataset_name=f"{source} (held-out split)",
                           dataset_split="validation", metric_type="loss", metric_name="val loss",
                           metric_value=round(summary["val_loss"], 4))]  # fmt: skip
+    if "val_bpb" in summary:  # bits per byte compare across tokenizers; nats per token do not
+        results.append(EvalResult(task_type="text-generation", dataset_type=hub_dataset or source, metric_type="bits_per_byte",
+                                  dataset_name=f"{source} (held-out split)", dataset_split="validation",
+                                  metric_name="val bits per byte", metric_value=round(summary["val_bpb"], 4)))  # fmt: skip
     if "hellaswag_acc_norm" in summary:
         hellaswag = dict(task_type="multiple-choice", dataset_type="Rowan/hellaswag", dataset_name="HellaSwag",
                          dataset_split="validation")  # fmt: skip
@@ -86,6 +94,8 @@ def model_card(args, summary: dict, base_model: str | None) -> ModelCard:
         f"| final train loss | {summary['train_loss']:.4f} |",
         f"| final val loss | {summary['val_loss']:.4f} |",
     ]  # fmt: skip
+    if "val_bpb" in summary:
+        lines.append(f"| final val bits per byte | {summary['val_bpb']:.4f} (comparable across tokenizers) |")
     if "hellaswag_acc_norm" in summary:
         lines += [
             (f"| HellaSwag ({args.hellaswag}, {summary['hellaswag_examples']:,} examples), completion style | "
@@ -118,8 +128,10 @@ def to_gpt2(model: MiniGPTForCausalLM) -> GPT2LMHeadModel:
     (Conv1D layout, vocabulary padding dropped) and identical logits, for the runtimes that serve GPT-2 but
     run no remote code (vLLM, TGI, llama.cpp's converter, ONNX exporters)."""
     c = model.config
+    # n_ctx (GPT-2's old name for the context) is read by llama.cpp's converter and mlx-lm; transformers 5 no
+    # longer writes it unless given.
     config = GPT2Config(**{name: getattr(c, name) for name in GPT2_CONFIG_FIELDS}, activation_function="gelu_new",
-                        tie_word_embeddings=c.tie_word_embeddings)  # fmt: skip
+                        tie_word_embeddings=c.tie_word_embeddings, n_ctx=c.n_positions)  # fmt: skip
     with torch.device("meta"):  # no init: every tensor is assigned below
         gpt2 = GPT2LMHeadModel(config)
     state = {}

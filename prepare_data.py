@@ -35,7 +35,7 @@ except ImportError:
     sys.exit("prepare_data.py: error: it needs the `datasets` package (pip install datasets)")
 
 from atomic_writes import write_text_atomically
-from token_shards import META_FILE, ShardError, token_dtype, tokenizer_sha256, verify_shards, write_shard
+from token_shards import META_FILE, ShardError, open_shard, token_dtype, tokenizer_sha256, verify_shards, write_shard
 from tokenizing import EOT, MIN_BPE_VOCAB, document_encoder, load_tokenizer, train_bpe
 
 PROGRESS_FILE = "progress.json"
@@ -347,6 +347,22 @@ def split_corpus(args, corpus, encode):
     return corpus.select(np.concatenate([val_docs, train_docs])), val_tokens, val_docs
 
 
+def val_text_bytes(out: Path, shards: list[dict], tokenizer, documents_per_batch: int = 4096) -> int:
+    """UTF-8 bytes of the val split's text, from its tokens decoded document by document (end-of-text
+    dropped): what turns val loss in nats per token into bits per byte, which compares across tokenizers."""
+    val = [shard for shard in shards if shard["split"] == "val"]
+    if not val:
+        return 0
+    ids = open_shard(out / val[0]["file"], val[0]["tokens"])
+    starts = np.flatnonzero(ids == tokenizer.eos_token_id)
+    documents = np.split(np.asarray(ids), starts[1:] if len(starts) and starts[0] == 0 else starts)
+    total = 0
+    for i in range(0, len(documents), documents_per_batch):
+        texts = tokenizer.batch_decode([d.tolist() for d in documents[i : i + documents_per_batch]], skip_special_tokens=True)
+        total += sum(len(text.encode()) for text in texts)
+    return total
+
+
 def resumable_progress(out: Path, settings: dict, vocab_size: int) -> dict | None:
     """What an earlier run in `out` finished (its intact shards), a fresh record, or None if it is complete."""
     progress_path = out / PROGRESS_FILE
@@ -374,7 +390,13 @@ def main(argv=None):
     settings = settings_of(args, tokenizer, val_tokens)
     progress = resumable_progress(out, settings, len(tokenizer))
     if progress is None:
-        print(f"{out} is complete; nothing to do")
+        meta = json.loads((out / META_FILE).read_text())
+        if "val_bytes" in meta:
+            print(f"{out} is complete; nothing to do")
+        else:  # prepared before the count existed
+            meta["val_bytes"] = val_text_bytes(out, meta["shards"], tokenizer)
+            write_text_atomically(out / META_FILE, json.dumps(meta, indent=1))
+            print(f"{out} is complete; added the val split's size in bytes ({meta['val_bytes']:,}) for bits per byte")
         return out
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(out / TOKENIZER_DIR)
@@ -394,6 +416,7 @@ def main(argv=None):
         "eot_token_id": tokenizer.eos_token_id,
         "dtype": dtype.name,
         "tokens": tokens,
+        "val_bytes": val_text_bytes(out, progress["shards"], tokenizer),
         "shards": [{k: v for k, v in shard.items() if k != "stream_state"} for shard in progress["shards"]],
         "val_split": {"documents": val_docs.tolist(), "seed": args.val_seed} if val_docs is not None else {"first_tokens": val_tokens},
         "python": sys.version.split()[0],

@@ -20,6 +20,7 @@ MIN_BPE_VOCAB = 257  # the 256 byte tokens every byte-level BPE has, plus EOT
 # "gpt2" pattern, r50k_pat_str, ran at 5.0M).
 TOKENIZERS_GPT2_REGEX = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+GPT2_PRE_TOKENIZED = "gpt2-bpe"  # the name of a tiktoken encoding that splits text with GPT2_PATTERN
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerFast:
@@ -87,7 +88,15 @@ def tiktoken_encoding(tokenizer) -> tiktoken.Encoding | None:
     if not (bytes_present and in_merge_order and len(set(merged_ids)) == len(vocab) - 256):
         return None
     ranks = {bytes(byte_of[char] for char in token): id for token, id in vocab.items()}
-    return tiktoken.Encoding("bpe", pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
+    name = GPT2_PRE_TOKENIZED if pattern == GPT2_PATTERN else "bpe"  # named for its pre-tokenization
+    return tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
+
+
+def is_gpt2_bpe(tokenizer) -> bool:
+    """A plain byte-level BPE (whatever its vocabulary) that pre-tokenizes as GPT-2's does: what llama.cpp's
+    "gpt-2" pre-tokenizer reproduces, as tiktoken does."""
+    encoding = tiktoken_encoding(tokenizer)
+    return encoding is not None and encoding.name == GPT2_PRE_TOKENIZED
 
 
 def document_encoder(tokenizer, encoder: str = "auto"):

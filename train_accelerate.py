@@ -37,7 +37,14 @@ from metrics import MetricsLog, device_peak_flops, log_line, machine, model_flop
 from modeling_minigpt import MiniGPTForCausalLM
 from optimization import configure_optimizers, lr_factor, set_lr
 from token_shards import ShardedTokens, read_meta, verify_shards
-from validation import check_same_tokenizer, check_seq_len, check_val_windows, val_loss
+from validation import (
+    bits_per_byte,
+    bits_per_byte_note,
+    check_same_tokenizer,
+    check_seq_len,
+    check_val_windows,
+    val_loss,
+)
 
 OPENAI_GPT2 = {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"}  # `--model` names for OpenAI's weights
 # DDP keeps the gradients in its all-reduce buckets instead of copying them there (one copy of the gradients
@@ -94,6 +101,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
     p.add_argument("--export_gpt2", action="store_true",
                    help="also write output_dir/final-gpt2: a native GPT2LMHeadModel folder (no remote code)")  # fmt: skip
+    p.add_argument("--export_gguf", default=None, choices=["f32", "f16", "bf16", "q8_0"],
+                   help="also write output_dir/final-TYPE.gguf for llama.cpp, Ollama, LM Studio (export_gguf.py)")  # fmt: skip
     p.add_argument("--license", default="mit", help="the license the model card declares")
     p.add_argument("--push_to_hub", action="store_true")
     p.add_argument("--hub_model_id", default=None)
@@ -251,6 +260,8 @@ def setup(args) -> Run:
     check_val_windows(args.data_dir, args.per_device_train_batch_size, seq_len, args.eval_iters,
                       f"--eval_iters {args.eval_iters} x batch {args.per_device_train_batch_size}")  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(Path(args.data_dir) / "tokenizer")
+    if args.export_gguf:
+        check_gguf_export(tokenizer, Path(args.data_dir) / "tokenizer")
     hellaswag = load_examples(args.hellaswag, args.hellaswag_limit) if args.hellaswag else None
     candidates = checkpoint_candidates(args.resume_from_checkpoint, args.output_dir) if args.resume_from_checkpoint else []
     if candidates:
@@ -258,6 +269,8 @@ def setup(args) -> Run:
     lock = lock_output_dir(args.output_dir) if accelerator.is_main_process else None
     check_shared_filesystem(accelerator, args.output_dir)
     verify_data(accelerator, args.data_dir, meta)
+    if note := bits_per_byte_note(args.data_dir):
+        accelerator.print(note)
 
     config = model.config
     model, *optimizers = accelerator.prepare(model, *configure_optimizers(model, args, accelerator.device.type))
@@ -303,6 +316,18 @@ def check_run_args(args, accelerator):
         # torch's Muon itself works on FSDP2's DTensor shards (tested equal to DDP); accelerate does not save it.
         raise ValueError("--optimizer muon does not run under FSDP: accelerate saves one optimizer per FSDP model in "
                          "a checkpoint, and Muon is a second one; use DDP (a multi-GPU config without FSDP)")  # fmt: skip
+
+
+def check_gguf_export(tokenizer, where):
+    """What --export_gguf needs, before any step: the gguf package (not on the GPU images) and a tokenizer
+    llama.cpp reads."""
+    try:
+        from export_gguf import check_tokenizer
+    except ModuleNotFoundError as error:
+        if error.name != "gguf":
+            raise
+        raise ValueError("--export_gguf needs the gguf package (llama.cpp's Python library): pip install gguf") from None
+    check_tokenizer(tokenizer, where)
 
 
 def verify_data(accelerator, data_dir, meta):
@@ -479,6 +504,8 @@ def evaluate(run: Run, done: int) -> dict:
     with accelerator.autocast():
         results = {"val_loss": val_loss(eager, args.data_dir, args.per_device_train_batch_size, run.seq_len,
                                         args.eval_iters, accelerator)}  # fmt: skip
+        if (bpb := bits_per_byte(results["val_loss"], args.data_dir)) is not None:
+            results["val_bpb"] = bpb
         if run.hellaswag:
             scores = evaluate_hellaswag(eager, run.tokenizer, run.hellaswag, accelerator, show_progress=False)
             for convention, prefix in [("completion", "hellaswag"), ("harness", "hellaswag_lm_eval")]:

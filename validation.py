@@ -1,6 +1,8 @@
 """The held-out split: its loss, and the checks that make that number mean something (a window the model
 can read, enough val windows, the model's own tokenizer). Shared by training and evaluation."""
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -69,3 +71,21 @@ def val_loss(model, data_dir, batch_size, seq_len, batches, accelerator=None) ->
     if world > 1:
         losses = accelerator.reduce(losses, reduction="sum")  # each batch is nonzero on one process only
     return losses.mean().item()
+
+
+def bits_per_byte(loss: float, data_dir) -> float | None:
+    """Val loss (nats per token) as bits per byte of the text, which compares across tokenizers: an 8,192-token
+    BPE and GPT-2's give different losses for the same text, and the same bits per byte. The split's tokens per
+    byte were counted at preparation; None for data prepared before that (see `bits_per_byte_note`)."""
+    meta = read_meta(data_dir)
+    if not meta.get("val_bytes"):
+        return None
+    return loss / math.log(2) * meta["tokens"]["val"] / meta["val_bytes"]
+
+
+def bits_per_byte_note(data_dir) -> str | None:
+    """The one line for data prepared before the byte count, which prepare_data.py adds when run again."""
+    if "val_bytes" in read_meta(data_dir):
+        return None
+    return (f"note: {data_dir}/meta.json has no byte count of the val split (prepared by an older prepare_data.py), "
+            f"so val bits per byte is not reported; run prepare_data.py again with the same arguments to add it")

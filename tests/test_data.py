@@ -93,6 +93,29 @@ def test_rerunning_a_finished_directory_does_nothing(prepared, corpus_file, toke
     assert "is complete" in capsys.readouterr().out
 
 
+def test_val_bytes_are_the_utf8_bytes_of_the_val_documents_text(prepared, documents):
+    """meta.json counts the val split's text in bytes (what bits per byte divides by): exactly the UTF-8 bytes of
+    the documents drawn for val, end-of-text excluded."""
+    meta = read_meta(prepared)
+    expected = sum(len(documents[i].encode()) for i in meta["val_split"]["documents"])
+    assert meta["val_bytes"] == expected > meta["tokens"]["val"]
+
+
+def test_rerunning_a_directory_prepared_before_the_byte_count_adds_it(prepared, corpus_file, tokenizer_dir, tmp_path, capsys):
+    from validation import bits_per_byte, bits_per_byte_note
+
+    old = tmp_path / "old"
+    shutil.copytree(prepared, old)
+    meta = read_meta(old)
+    counted = meta.pop("val_bytes")
+    (old / "meta.json").write_text(json.dumps(meta))
+    assert bits_per_byte(2.0, old) is None and "run prepare_data.py again" in bits_per_byte_note(old)
+    prepare(corpus_file, tokenizer_dir, old)
+    assert "added the val split's size in bytes" in capsys.readouterr().out
+    assert read_meta(old)["val_bytes"] == counted and bits_per_byte_note(old) is None
+    assert bits_per_byte(2.0, old) == pytest.approx(2.0 / np.log(2) * meta["tokens"]["val"] / counted)
+
+
 def test_resuming_with_other_settings_is_refused(prepared, corpus_file, tokenizer_dir):
     with pytest.raises(ValueError, match="other settings \\(shard_size\\)"):
         prepare(corpus_file, tokenizer_dir, prepared, "--shard_size", "30000")

@@ -17,6 +17,7 @@ from conftest import REPO, TINY, VOCAB, failure, run_script, script_env, step_ro
 from configuration_minigpt import MiniGPTConfig
 from export import to_gpt2
 from modeling_minigpt import MiniGPTForCausalLM
+from token_shards import read_meta
 
 SEQ_LEN = 32
 
@@ -38,7 +39,7 @@ def training(data, hellaswag) -> list[str]:
     return [sys.executable, str(REPO / "train_accelerate.py"), "--model", "tiny", "--seq_len", str(SEQ_LEN),
             "--data_dir", str(data), "--per_device_train_batch_size", "4", "--max_train_steps", "6",
             "--num_warmup_steps", "2", "--eval_steps", "3", "--eval_iters", "2", "--checkpointing_steps", "3",
-            "--hellaswag", str(hellaswag), "--export_gpt2"]  # fmt: skip
+            "--hellaswag", str(hellaswag), "--export_gpt2", "--export_gguf", "q8_0"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +89,12 @@ def test_model_card_metadata_parses_back_with_the_logged_numbers(run):
     assert results[("HellaSwag", "acc_norm, completion style (2 examples)")] == round(last["hellaswag_acc_norm"], 4)
     assert results[("HellaSwag", "acc, lm-evaluation-harness style (2 examples)")] == round(last["hellaswag_lm_eval_acc"], 4)
     assert "| final val loss |" in card.text
+    # bits per byte: the logged val loss over the split's bytes per token, in every evaluated row and the card
+    meta = read_meta(out.parent / "data")
+    for row in [r for r in step_rows(out) if "val_loss" in r]:
+        assert row["val_bpb"] == pytest.approx(row["val_loss"] / np.log(2) * meta["tokens"]["val"] / meta["val_bytes"])
+    assert results[("builtin (held-out split)", "val bits per byte")] == round(last["val_bpb"], 4)
+    assert "| final val bits per byte |" in card.text
 
 
 def test_loss_plot_draws_evaluations_at_the_logged_step_and_has_a_title(run):
@@ -154,6 +161,18 @@ def test_native_export_loads_without_remote_code_and_equals_ours(run, tmp_path):
     assert loaded["tokens"] == ours.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=pad).tolist()
     card = ModelCard.load(native / "README.md")
     assert "minigpt-native-gpt2" in card.data.tags and card.data.eval_results
+
+
+def test_training_exports_a_gguf_file_beside_the_folder(run):
+    """--export_gguf: the run's model as llama.cpp reads it (tests/test_gguf.py runs such files in llama.cpp),
+    named after the run, with its context and every tensor of a tied 2-layer GPT-2."""
+    gguf = pytest.importorskip("gguf")
+    out = run[0]
+    reader = gguf.GGUFReader(out / "final-q8_0.gguf")
+    name, context = reader.get_field("general.name"), reader.get_field("gpt2.context_length")
+    assert bytes(name.parts[name.data[0]]).decode() == out.name
+    assert context.parts[context.data[0]][0] == MiniGPTConfig.from_pretrained(out / "final").n_positions
+    assert len(reader.tensors) == 4 + 12 * 2  # embeddings and ln_f, 12 per block; no output.weight: tied
 
 
 def test_native_export_runs_in_onnxruntime_with_our_logits_and_greedy_tokens(run, tmp_path):

@@ -2,6 +2,7 @@
 transformers' own GPT-2, a single process."""
 
 import json
+import math
 import os
 import re
 import sys
@@ -15,6 +16,7 @@ import prepare_data
 import validation
 from configuration_minigpt import MiniGPTConfig
 from modeling_minigpt import MiniGPTForCausalLM
+from token_shards import read_meta
 
 EVAL = [sys.executable, str(REPO / "eval_hellaswag.py")]
 
@@ -182,8 +184,10 @@ def test_side_by_side_two_processes_equal_one_and_library_gpt2_equals_ours(gpt2_
     with torch.no_grad():
         losses = [reference(input_ids=(w := next(windows)), labels=w).loss for _ in range(3)]
     # (GPT-2 sees all T+1 tokens and shifts; the script feeds T and scores the next tokens: same T targets.)
+    meta = read_meta(gpt2_data)
     for result in (gpt2, ours):
         assert result["val_loss"] == pytest.approx(torch.stack(losses).mean().item(), rel=1e-5)
+        assert result["val_bpb"] == pytest.approx(result["val_loss"] / math.log(2) * meta["tokens"]["val"] / meta["val_bytes"])
 
 
 # --- bad input -------------------------------------------------------------------------------------
