@@ -9,6 +9,7 @@ imports relatively (`configuration_minigpt`, `loss_minigpt`); otherwise it impor
 """
 
 import dataclasses
+import functools
 import inspect
 import math
 
@@ -121,13 +122,19 @@ def is_own(implementation) -> bool:
 
 
 def update_paged_cache(cache, k, v, layer_idx, kwargs):
-    """Continuous batching's paged cache (not a `Cache`). From transformers 5.2x the model writes to it, reading
-    the batch's indices from `kwargs` (which it narrows to this layer); before, the paged attention function did,
-    given the cache among its keyword arguments."""
-    if "kwargs" in inspect.signature(cache.update).parameters:
+    """Continuous batching's paged cache (not a `Cache`). In newer transformers (5.24) the model writes to it,
+    reading the batch's indices from `kwargs` (which it narrows to this layer); in 5.17 the paged attention
+    function did, given the cache among its keyword arguments."""
+    if model_writes_paged_cache(type(cache)):
         return cache.update(k, v, layer_idx, kwargs=kwargs)
     kwargs["cache"] = cache
     return k, v
+
+
+@functools.cache
+def model_writes_paged_cache(cache_class) -> bool:
+    """Read once per class, not at every layer of every decoding step."""
+    return "kwargs" in inspect.signature(cache_class.update).parameters
 
 
 class MLP(nn.Module):
