@@ -69,10 +69,15 @@ class LMHeadCrossEntropy(torch.autograd.Function):
             row_max = logits.amax(dim=1, keepdim=True)
             probs = logits.sub_(row_max).exp_()  # in place: no second (rows, V) tensor
             row_sum = probs.sum(dim=1, keepdim=True)
-            total += ((row_max + row_sum.log() - target_logits) * scale).sum()
+            # Not `total +=`: torch 2.11's compiled backward drops the incoming gradient of a Function output
+            # updated in place, and every gradient comes out 0.
+            total = total + ((row_max + row_sum.log() - target_logits) * scale).sum()
             probs = probs.mul_(scale / row_sum).to(dtype)  # softmax / divisor; ignored rows zero
             grad_hidden[rows] = probs @ head - head[t] * scale.to(dtype)
-            grad_weight = add_product(grad_weight, probs.t(), h)
+            # Each chunk's product in the matmul dtype (bf16 under autocast), summed over the chunks in fp32. One
+            # form on every device: cuBLAS's fp32-output addmm has no CPU kernel and does not compile on torch
+            # 2.11-2.13 (docs/loss.md weighs the two).
+            grad_weight += probs.t() @ h
             grad_weight.index_add_(0, t, h.float() * -scale)
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         return total
@@ -81,17 +86,6 @@ class LMHeadCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
         return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None, None
-
-
-def add_product(accumulator, a, b):
-    """`accumulator + a @ b`, summed in the accumulator's fp32. cuBLAS writes the fp32 sum of a bf16 product
-    in one call (`out_dtype`); no kernel elsewhere does, so there the product is made in bf16 and added.
-    (Autocast leaves this call alone: an fp32 `addmm_` of bf16 operands would be TF32, half bf16's speed.)"""
-    if a.dtype == accumulator.dtype:
-        return accumulator.addmm_(a, b)
-    if a.is_cuda:
-        return torch.addmm(accumulator, a, b, out_dtype=accumulator.dtype)
-    return accumulator.add_(a @ b)
 
 
 def chunked_lm_head_loss(

@@ -55,6 +55,18 @@ class Results:
         temporary.replace(self.path)
 
 
+def guarded(out: dict, name: str, measure) -> bool:
+    """out[name] = measure(), or, where it raises, the error beside the other numbers: one model or mode that fails
+    costs the others nothing. True where it ran."""
+    try:
+        out[name] = measure()
+        return True
+    except Exception as error:  # noqa: BLE001
+        out[name] = {"error": f"{type(error).__name__}: {str(error)[:2000]}", "traceback": traceback.format_exc()[-6000:]}
+        print(f"  {name} failed: {out[name]['error'][:400]}", flush=True)
+        return False
+
+
 def recipe_config(args) -> MiniGPTConfig:
     return MiniGPTConfig.from_preset(args.model, vocab_size=50257, pad_vocab_size_multiple=64)
 
@@ -121,34 +133,43 @@ def theirs(args, device):
 
 
 def speed(args, device) -> dict:
-    """Ours against transformers' GPT2LMHeadModel, both compiled, at one micro-batch, in alternating rounds."""
-    steps, compile_seconds, memory = {}, {}, {}
+    """Ours against transformers' GPT2LMHeadModel, both compiled, at one micro-batch, in alternating rounds. Each
+    model compiles and times under its own guard: one that fails is recorded with its error, the other timed."""
+    out, steps = {"batch": args.batch}, {}
     for name, build in (("ours", ours), ("transformers", theirs)):
-        torch._dynamo.reset()
-        fresh_peak(device)
-        step = stepper(torch.compile(build(args, device)), args, device)
-        started = time.perf_counter()
-        for _ in range(2):  # compilation, then the optimizer's state
-            step()
-        synchronize(device)
-        compile_seconds[name] = time.perf_counter() - started
-        memory[name] = peak_gib(device)
-        steps[name] = step
-        print(f"  {name}: compiled and warm in {compile_seconds[name]:.0f} s, peak {memory[name]} GiB", flush=True)
+
+        def warm():
+            torch._dynamo.reset()
+            fresh_peak(device)
+            step = stepper(torch.compile(build(args, device)), args, device)
+            started = time.perf_counter()
+            for _ in range(2):  # compilation, then the optimizer's state
+                step()
+            synchronize(device)
+            steps[name] = step
+            return {"compile_and_warmup_s": time.perf_counter() - started, "peak_gib": peak_gib(device)}
+
+        if guarded(out, name, warm):
+            print(f"  {name}: compiled and warm in {out[name]['compile_and_warmup_s']:.0f} s, peak {out[name]['peak_gib']} GiB", flush=True)
     seconds = {name: [] for name in steps}
     for r in range(args.rounds):
-        for name in list(steps)[r % 2 :] + list(steps)[: r % 2]:
-            seconds[name].append(timed(steps[name], device, args.steps))
+        for name in list(seconds)[r % 2 :] + list(seconds)[: r % 2]:
+            if name in steps:
+                try:
+                    seconds[name].append(timed(steps[name], device, args.steps))
+                except Exception as error:  # noqa: BLE001  the other model's rounds go on
+                    out[name]["error"] = f"{type(error).__name__}: {str(error)[:2000]}"
+                    del steps[name]
     tokens = args.batch * args.seq_len
-    out = {"batch": args.batch, "compile_and_warmup_s": compile_seconds, "peak_gib": memory}
     peak = peak_bf16_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     flops = model_flops_per_token(recipe_config(args), args.seq_len)
     for name, values in seconds.items():
-        rate = tokens / statistics.median(values)
-        out[name] = {"tokens_per_s": rate, "rounds_tokens_per_s": [tokens / v for v in values],
-                     "mfu": rate * flops / peak if peak else None}  # fmt: skip
-    ratios = [t / o for o, t in zip(seconds["ours"], seconds["transformers"])]
-    out["ratio_ours_to_transformers"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+        if values:
+            rate = tokens / statistics.median(values)
+            out[name].update(tokens_per_s=rate, rounds_tokens_per_s=[tokens / v for v in values], mfu=rate * flops / peak if peak else None)
+    if len(seconds) == 2 and all(len(v) == args.rounds for v in seconds.values()):
+        ratios = [t / o for o, t in zip(seconds["ours"], seconds["transformers"])]
+        out["ratio_ours_to_transformers"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
     return out
 
 
@@ -173,14 +194,17 @@ def attention(args, device) -> dict:
         except RuntimeError as error:  # not available on this device or for this shape
             out[backend.name.lower() + "_ms"] = f"unavailable: {str(error).splitlines()[0]}"
     if device.type == "cuda":
-        model = ours(args, device)
-        step = stepper(model, args, device)
-        step()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+
+        def kernels_that_ran():
+            step = stepper(ours(args, device), args, device)
             step()
-            synchronize(device)
-        names = {e.name for e in profile.events() if any(w in e.name.lower() for w in ("flash", "cudnn", "fmha", "attention", "sdpa"))}
-        out["kernels_that_ran"] = sorted(names)[:20]
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+                step()
+                synchronize(device)
+            words = ("flash", "cudnn", "fmha", "attention", "sdpa")
+            return sorted({e.name for e in profile.events() if any(w in e.name.lower() for w in words)})[:20]
+
+        guarded(out, "kernels_that_ran", kernels_that_ran)
     return out
 
 
@@ -195,25 +219,29 @@ def losses(args, device) -> dict:
     out = {"batch": args.batch}
     config = recipe_config(args)
     for kind in ("compiled_plain", "chunked", "plain"):
-        torch._dynamo.reset()
-        fresh_peak(device)
-        model = ours(args, device)
-        if kind == "compiled_plain":
-            compiled = torch.compile(lambda batch: plain_loss(model, batch))
-            step = stepper(model, args, device, loss_of=compiled)
-        elif kind == "plain":
-            step = stepper(model, args, device, loss_of=lambda batch: plain_loss(model, batch))
-        else:
-            step = stepper(model, args, device, loss_of=lambda batch: model(input_ids=batch[:, :-1], shift_labels=batch[:, 1:]).loss)
-        started = time.perf_counter()
-        step(), step()
-        synchronize(device)
-        warm = time.perf_counter() - started
-        out[kind] = {"ms_per_step": 1000 * timed(step, device, args.steps), "warmup_s": warm, "peak_gib": peak_gib(device)}
-        if kind == "chunked":
-            out[kind]["estimate_gib"] = Estimates(config, args.seq_len)(args.batch) / GiB  # cached by `estimates`
-        print(f"  {kind}: {out[kind]}", flush=True)
-        del model, step
+
+        def measure():
+            torch._dynamo.reset()
+            fresh_peak(device)
+            model = ours(args, device)
+            if kind == "compiled_plain":
+                compiled = torch.compile(lambda batch: plain_loss(model, batch))
+                step = stepper(model, args, device, loss_of=compiled)
+            elif kind == "plain":
+                step = stepper(model, args, device, loss_of=lambda batch: plain_loss(model, batch))
+            else:
+                step = stepper(model, args, device, loss_of=lambda batch: model(input_ids=batch[:, :-1], shift_labels=batch[:, 1:]).loss)
+            started = time.perf_counter()
+            step(), step()
+            synchronize(device)
+            warm = time.perf_counter() - started
+            result = {"ms_per_step": 1000 * timed(step, device, args.steps), "warmup_s": warm, "peak_gib": peak_gib(device)}
+            if kind == "chunked":
+                result["estimate_gib"] = Estimates(config, args.seq_len)(args.batch) / GiB  # cached by `estimates`
+            return result
+
+        if guarded(out, kind, measure):  # each kind alone: one that fails (out of memory) costs the others nothing
+            print(f"  {kind}: {out[kind]}", flush=True)
     return out
 
 

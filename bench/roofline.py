@@ -133,12 +133,11 @@ def nbytes(t):
 
 
 def record_step(modeling, batch: int, seq_len: int, compiled: bool) -> Recorder:
-    """One training step of GPT-2 124M on fake tensors, its operations tagged trunk or loss. The loss's
-    weight-gradient sum takes the form it has on CUDA (one `addmm` with an fp32 output), whose kernel does
-    not exist on the CPU these fake tensors stand on."""
+    """One training step of GPT-2 124M on fake tensors, its operations tagged trunk or loss. (The loss runs the
+    same operations on every device; a revision before 2026-12-04 summed its weight gradient with a CUDA-only
+    fp32-output `addmm`, modelled here by the CPU form it took on these fake tensors.)"""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    loss_module = sys.modules[modeling.__name__.replace("modeling_minigpt", "loss_minigpt")]
     config = modeling.MiniGPTConfig.from_preset("124M", vocab_size=50257, pad_vocab_size_multiple=64)
     eager_loss = getattr(modeling.chunked_lm_head_loss, "_torchdynamo_disable", False) or not compiled
     recorder = Recorder(loss_eager=eager_loss)
@@ -151,12 +150,7 @@ def record_step(modeling, batch: int, seq_len: int, compiled: bool) -> Recorder:
         finally:
             recorder.region = "trunk"
 
-    def cuda_sum(accumulator, a, b):
-        return accumulator.addmm_(a, b) if a.dtype == accumulator.dtype else torch.addmm(accumulator, a, b, out_dtype=accumulator.dtype)
-
     patches = [(modeling, "chunked_lm_head_loss", tagged)]
-    if hasattr(loss_module, "add_product"):
-        patches.append((loss_module, "add_product", cuda_sum))
     saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
     try:
         for module, name, value in patches:

@@ -43,3 +43,29 @@ def test_the_device_check_runs_every_step_on_cpu(data_dir, handmade_hellaswag, t
     with tarfile.open(tmp_path / "check.tgz") as archive:  # what comes back from the device: all but weights
         names = archive.getnames()
     assert "./steps.jsonl" in names and "./speed.json" in names and not [n for n in names if n.endswith(".safetensors")]
+
+
+def test_a_model_that_fails_to_compile_is_recorded_beside_the_other_models_numbers(monkeypatch, tmp_path):
+    """One failure costs no other number: ours raising in `speed` leaves transformers' GPT-2 timed, and a loss
+    kind raising leaves the other kinds measured."""
+    import argparse
+
+    import torch
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import gpu_check
+
+    def broken(args, device):
+        raise RuntimeError("tuned_addmm() takes 3 positional arguments but 4 were given")
+
+    args = argparse.Namespace(model="tiny", seq_len=16, batch=2, steps=1, rounds=2)
+    monkeypatch.setattr(gpu_check, "ours", broken)
+    speed = gpu_check.speed(args, torch.device("cpu"))
+    assert "tuned_addmm" in speed["ours"]["error"] and "traceback" in speed["ours"]
+    assert speed["transformers"]["tokens_per_s"] > 0 and "ratio_ours_to_transformers" not in speed
+    monkeypatch.undo()
+    monkeypatch.setattr(gpu_check, "plain_loss", lambda model, batch: broken(None, None))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # the chunked kind's memory estimate is cached there
+    losses = gpu_check.losses(args, torch.device("cpu"))
+    assert "tuned_addmm" in losses["plain"]["error"] and "tuned_addmm" in losses["compiled_plain"]["error"]
+    assert losses["chunked"]["ms_per_step"] > 0
