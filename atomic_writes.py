@@ -6,14 +6,28 @@ import shutil
 from pathlib import Path
 
 
-def write_atomically(path: Path, write) -> None:
-    """Call `write(file)` on a temporary name, then rename: a crash never leaves a file that looks done."""
+def replace_atomically(path: Path, write_to) -> None:
+    """Call `write_to(temporary_path)`, make it durable (fsync), then rename it to `path`: a crash never leaves a
+    file that looks done. The temporary is `NAME.tmp` beside `path`: one a killed writer left is overwritten, and
+    one this call leaves on failure is removed."""
     temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as file:
-        write(file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
+    try:
+        write_to(temporary)
+        with open(temporary, "rb") as file:
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_atomically(path: Path, write) -> None:
+    """Call `write(file)` on a temporary name, then rename (above)."""
+
+    def write_to(temporary):
+        with open(temporary, "wb") as file:
+            write(file)
+
+    replace_atomically(path, write_to)
 
 
 def write_text_atomically(path: Path, text: str) -> None:

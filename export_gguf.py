@@ -17,14 +17,14 @@ blocks falls back to f16. For k-quants, run llama.cpp's `llama-quantize` on an f
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 import gguf
 import torch
-from transformers import AutoConfig, AutoTokenizer, GPT2LMHeadModel
+from transformers import AutoTokenizer, GPT2LMHeadModel
 
+from atomic_writes import replace_atomically
 from checkpoints import find_tokenizer
 from modeling_minigpt import MiniGPTForCausalLM
 from tokenizing import is_gpt2_bpe
@@ -46,7 +46,9 @@ def load_source(source: Path):
     """The model (MiniGPT, float32) and tokenizer of `source`, checked before anything is written."""
     if not (source / "config.json").is_file():
         raise ExportError(f"{source} is not a saved model, checkpoint or GPT-2 folder (no config.json)")
-    model_type = AutoConfig.from_pretrained(source, trust_remote_code=True).model_type
+    # Read from the file, not through AutoConfig: for a type it does not know, transformers answers in three
+    # lines that advise upgrading it.
+    model_type = json.loads((source / "config.json").read_text()).get("model_type")
     if model_type not in ("minigpt", "gpt2"):
         raise ExportError(f"{source} is a {model_type!r} model: GGUF export writes GPT-2 models (minigpt or gpt2)")
     tokenizer_path = Path(find_tokenizer(str(source), None))
@@ -115,9 +117,9 @@ def gguf_tensors(model: MiniGPTForCausalLM, outtype: str):
 def write_gguf(model: MiniGPTForCausalLM, tokenizer, path: Path, outtype: str = "f16", name: str = "minigpt") -> Path:
     """The GGUF file at `path`, written under a temporary name and renamed when complete."""
     c, eot = model.config, tokenizer.eos_token_id
-    temporary = path.with_name(path.name + ".tmp")
     writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GPT2])
     writer.add_name(name)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_context_length(c.n_positions)
     writer.add_embedding_length(c.n_embd)
     writer.add_feed_forward_length(4 * c.n_embd)
@@ -134,16 +136,21 @@ def write_gguf(model: MiniGPTForCausalLM, tokenizer, path: Path, outtype: str = 
     writer.add_bos_token_id(eot)  # documents are led by end-of-text in training
     writer.add_eos_token_id(eot)
     writer.add_add_bos_token(False)  # text is tokenized as our tokenizer does: nothing added
+    writer.add_add_eos_token(False)
+    if tokenizer.unk_token_id is not None:  # GPT-2's BPE has none: every byte is a token
+        writer.add_unk_token_id(tokenizer.unk_token_id)
+    if tokenizer.pad_token_id is not None:
+        writer.add_pad_token_id(tokenizer.pad_token_id)
     for tensor_name, data, stored in gguf_tensors(model, outtype):
         writer.add_tensor(tensor_name, data, raw_dtype=stored)
-    try:
+
+    def write_to(temporary):
         writer.write_header_to_file(temporary)
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+
+    replace_atomically(path, write_to)
     return path
 
 
@@ -155,14 +162,19 @@ def export_gguf(source: Path, destination: Path | None = None, outtype: str = "f
     destination = Path(destination or source.with_name(f"{source.name}-{outtype}.gguf"))
     if not destination.parent.is_dir():
         raise ExportError(f"--outfile {destination}: its folder {destination.parent} does not exist")
+    if destination.is_dir():
+        raise ExportError(f"--outfile {destination} is a folder: name the .gguf file to write")
     model, tokenizer = load_source(source)
     return write_gguf(model, tokenizer, destination, outtype, name or run_name(source))
 
 
 def run_name(source: Path) -> str:
-    """The training run's folder name: `runs/NAME/final`, `runs/NAME/checkpoints/step_N`."""
-    run = source.resolve().parent
-    return (run.parent if run.name == "checkpoints" else run).name
+    """The training run's folder name for its export or checkpoints (`runs/NAME/final`,
+    `runs/NAME/checkpoints/step_N`); any other folder's own name."""
+    source = source.resolve()
+    if source.name == "final":
+        return source.parent.name
+    return source.parent.parent.name if source.parent.name == "checkpoints" else source.name
 
 
 def main(argv=None):

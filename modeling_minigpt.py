@@ -12,9 +12,11 @@ import dataclasses
 import functools
 import inspect
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -180,6 +182,17 @@ class MiniGPTPreTrainedModel(PreTrainedModel):
     # What `output_hidden_states` (all, or chosen layers) and `output_attentions` collect, by hooks (capture_outputs).
     _can_record_outputs = {"hidden_states": Block, "attentions": OutputRecorder(CausalSelfAttention, index=1)}
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """The library's, with an unreadable weights file named: safetensors says only "header too small"."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except SafetensorError as error:
+            folder = Path(str(pretrained_model_name_or_path))
+            files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+            named = ", ".join(str(f) for f in files if not _readable(f)) or f"a weights file of {pretrained_model_name_or_path}"
+            raise OSError(f"{named} is truncated or corrupt ({error}): save or download it again") from None
+
     def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True) -> nn.Embedding:
         """`new_num_tokens` real tokens in a table padded to `pad_to_multiple_of` (by default the model's own
         `pad_vocab_size_multiple`, which it then becomes). The library would make the padded size the
@@ -247,6 +260,8 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
         output_attentions = _flag(kwargs.pop("output_attentions", None), self.config.output_attentions)
         kwargs.pop("output_hidden_states", None)
         if inputs_embeds is None:
+            if not self.training and not torch.compiler.is_compiling():
+                _check_token_ids(input_ids, self.config.vocab_size)
             inputs_embeds = self.wte(input_ids)
         T = inputs_embeds.shape[1]
         if use_cache is None:  # a cache only pays off when generating; in training it just holds memory
@@ -324,6 +339,26 @@ def _check_context(cache, past_length, T, n_positions):
     elif past_length + T > n_positions:
         raise ValueError(f"sequence of {past_length + T} tokens ({past_length} cached + {T} new) is longer than the "
                          f"model's context of n_positions={n_positions}")  # fmt: skip
+
+
+def _readable(path) -> bool:
+    try:
+        with safe_open(path, "pt") as weights:
+            for name in weights.keys():
+                weights.get_slice(name)
+        return True
+    except SafetensorError:
+        return False
+
+
+def _check_token_ids(input_ids, vocab_size):
+    """An id outside the vocabulary would read a padding row silently, or fail in the embedding with an IndexError
+    that names neither. Checked at inference only: training's data is checked when it is prepared and read, and a
+    GPU training step must not wait for a value to be read."""
+    outside = (input_ids < 0) | (input_ids >= vocab_size)
+    if outside.any():
+        raise ValueError(f"input id {input_ids[outside][0].item()} is outside the model's vocabulary of {vocab_size} "
+                         f"tokens (ids 0-{vocab_size - 1}): the tokenizer does not match the model")  # fmt: skip
 
 
 def _flag(value, default) -> bool:
@@ -432,17 +467,20 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
         differing = [f"{name}={got!r} (need {want!r})" for name, (got, want) in unsupported.items() if got != want]
         if differing:
             raise ValueError(f"GPT-2 checkpoint uses options MiniGPT does not implement: {', '.join(differing)}")
-        config = MiniGPTConfig(**{**{name: getattr(g, name) for name in GPT2_CONFIG_FIELDS}, **config_overrides})
+        tied = bool(getattr(g, "tie_word_embeddings", True))  # an untied GPT-2 keeps its own head
+        config = MiniGPTConfig(**{**{name: getattr(g, name) for name in GPT2_CONFIG_FIELDS}, "tie_word_embeddings": tied,
+                                  **config_overrides})  # fmt: skip
         model = cls(config).to(gpt2.dtype)
 
-        theirs = {k: v for k, v in gpt2.state_dict().items() if k.startswith("transformer.")}
-        ours = {k: v for k, v in model.state_dict().items() if k.startswith("transformer.")}
+        copied = "transformer." if config.tie_word_embeddings else ("transformer.", "lm_head.")
+        theirs = {k: v for k, v in gpt2.state_dict().items() if k.startswith(copied)}
+        ours = {k: v for k, v in model.state_dict().items() if k.startswith(copied)}
         if theirs.keys() != ours.keys():
             raise ValueError(f"GPT-2 checkpoint keys differ: {sorted(theirs.keys() ^ ours.keys())}")
         with torch.no_grad():
             for key, target in ours.items():
                 weight = theirs[key].t() if key.endswith(CONV1D_WEIGHTS) else theirs[key]
-                if key == "transformer.wte.weight":  # padded rows keep their init: never used
+                if key in ("transformer.wte.weight", "lm_head.weight"):  # padded rows keep their init: never used
                     target = target[: weight.shape[0]]
                 if weight.shape != target.shape:
                     raise ValueError(f"{key}: GPT-2 has shape {tuple(weight.shape)}, MiniGPT {tuple(target.shape)}")

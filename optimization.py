@@ -41,6 +41,17 @@ def lr_factor(step, args) -> float:
     return args.min_lr_ratio + 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (1 - args.min_lr_ratio)
 
 
+def short_schedule_warning(args) -> str | None:
+    """A line for a run that ends inside its warmup: it never reaches its peak lr and never decays. Warned, not
+    refused: a short trial run with the default warmup is a common, deliberate thing to do."""
+    if args.num_warmup_steps < args.max_train_steps:
+        return None
+    last = lr_factor(args.max_train_steps - 1, args)
+    return (f"warning: --num_warmup_steps {args.num_warmup_steps} is not below --max_train_steps {args.max_train_steps}: "
+            f"the learning rate only warms up, to {last:.0%} of its peak ({last * args.learning_rate:.3g} of "
+            f"{args.learning_rate:g}) at the last step, and never decays")  # fmt: skip
+
+
 def set_lr(optimizers, factor: float) -> None:
     """Every group's lr to `factor` times its own peak (AdamW's and Muon's peaks differ)."""
     for group in (group for optimizer in optimizers for group in optimizer.param_groups):

@@ -35,7 +35,7 @@ from export import export_model, push_to_hub
 from memory_estimate import fit_micro_batch
 from metrics import MetricsLog, device_peak_flops, log_line, machine, model_flops_per_token, plot_losses
 from modeling_minigpt import MiniGPTForCausalLM
-from optimization import configure_optimizers, lr_factor, set_lr
+from optimization import configure_optimizers, lr_factor, set_lr, short_schedule_warning
 from token_shards import ShardedTokens, read_meta, verify_shards
 from validation import (
     bits_per_byte,
@@ -269,8 +269,9 @@ def setup(args) -> Run:
     lock = lock_output_dir(args.output_dir) if accelerator.is_main_process else None
     check_shared_filesystem(accelerator, args.output_dir)
     verify_data(accelerator, args.data_dir, meta)
-    if note := bits_per_byte_note(args.data_dir):
-        accelerator.print(note)
+    for note in (bits_per_byte_note(args.data_dir), short_schedule_warning(args)):
+        if note:
+            accelerator.print(note)
 
     config = model.config
     model, *optimizers = accelerator.prepare(model, *configure_optimizers(model, args, accelerator.device.type))

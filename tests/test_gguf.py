@@ -3,6 +3,7 @@ tokenization, the prompt's logits, greedy tokens; for our own BPE (a trained run
 heads; llama.cpp's own converter on the native GPT-2 export; bad input in one line, nothing half-written."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -122,6 +123,16 @@ def test_gpt2_vocabulary_in_llama_cpp_as_transformers(gpt2_vocabulary_folders, t
     check_against_transformers(folder, files, llama)
 
 
+def test_an_untied_native_gpt2_folder_keeps_its_head_in_llama_cpp(gpt2_vocabulary_folders, llama, tmp_path):
+    """A native GPT-2 folder with its own head (the export of an untied model): its GGUF file has `output.weight`
+    and llama.cpp's logits and greedy tokens are GPT-2's. (Before, the head was dropped: tokens differed from the
+    first one.)"""
+    native = export_gpt2(gpt2_vocabulary_folders[False], tmp_path / "native")
+    files = {t: export_gguf(native, tmp_path / f"native-{t}.gguf", t) for t in ("f32", "f16")}
+    assert "output.weight" in {tensor.name for tensor in gguf.GGUFReader(files["f32"]).tensors}
+    check_against_transformers(native, files, llama)
+
+
 def test_llama_cpps_converter_accepts_the_native_export_and_writes_our_tensors(gpt2_vocabulary_folders, tmp_path):
     """llama.cpp's own converter (from the llama-cpp-python source CI builds) reads the native GPT-2 export,
     which before had no `n_ctx` (KeyError); its tensors are ours byte for byte, in f32 and q8_0."""
@@ -185,3 +196,30 @@ def test_bad_sources_are_one_line_and_nothing_is_written(tmp_path, uninterrupted
     with pytest.raises(OSError, match="disk full"):
         export_gguf(uninterrupted / "final", tmp_path / "half.gguf")
     assert list(tmp_path.glob("half.gguf*")) == []
+
+
+def test_unknown_types_folders_stale_temporaries_names_and_metadata(uninterrupted, tmp_path):
+    """An unknown model_type and an --outfile that is a folder are one line each, before any work; a temporary a
+    killed export left is replaced; the name is the folder's own unless it is a run's export; the metadata other
+    readers (Ollama, LM Studio) look for is there."""
+    mystery = tmp_path / "mystery"
+    mystery.mkdir()
+    (mystery / "config.json").write_text('{"model_type": "mystery"}')
+    cases = [(mystery, tmp_path / "out.gguf", f"{mystery} is a 'mystery' model: GGUF export writes GPT-2 models (minigpt or gpt2)"),
+             (uninterrupted / "final", tmp_path, f"--outfile {tmp_path} is a folder: name the .gguf file to write")]  # fmt: skip
+    for source, outfile, message in cases:
+        result = run_script([sys.executable, str(REPO / "export_gguf.py"), str(source), "--outfile", str(outfile)], cwd=tmp_path)
+        assert result.returncode == 1 and result.stderr.strip().splitlines() == [f"export_gguf.py: error: {message}"], result.stderr
+    assert list(tmp_path.glob("*.gguf*")) == []
+
+    model = tmp_path / "w" / "model"
+    shutil.copytree(uninterrupted / "final", model)
+    stale = tmp_path / "model.gguf.tmp"
+    stale.write_bytes(b"half a file from a killed export")
+    fields = gguf.GGUFReader(export_gguf(model, tmp_path / "model.gguf", "f32")).fields
+    assert not stale.exists()
+    assert fields["general.name"].contents() == "model"  # not "w", its parent's
+    assert fields["general.quantization_version"].contents() == gguf.GGML_QUANT_VERSION
+    assert fields["tokenizer.ggml.add_eos_token"].contents() is False
+    run = gguf.GGUFReader(export_gguf(uninterrupted / "final", tmp_path / "run.gguf", "f32")).fields
+    assert run["general.name"].contents() == "uninterrupted"  # runs/NAME/final: the run's name

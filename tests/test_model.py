@@ -408,3 +408,27 @@ def test_training_attention_takes_the_flash_kernels_condition(monkeypatch):
     x = torch.randint(0, VOCAB, (2, 16))
     model(x, labels=x).loss.backward()
     assert calls == [(None, True)] * TINY["n_layer"]
+
+
+def test_an_id_outside_the_vocabulary_is_named_at_inference():
+    """Before: an IndexError from the embedding, or, for an id among the padding rows (1000-1023 here), logits
+    from a row that is no token. Training checks its data where it is read instead."""
+    model = tiny_model(pad_vocab_size_multiple=64)
+    for bad in (VOCAB, 1023, 5000, -1):
+        x = torch.tensor([[1, 2, bad, 3]])
+        with pytest.raises(ValueError, match=rf"input id {bad} is outside the model's vocabulary of {VOCAB} tokens"):
+            model(x)
+    prompt = torch.tensor([[1, 2, 3]])
+    with pytest.raises(ValueError, match=f"input id {VOCAB} is outside"):
+        model.generate(torch.tensor([[1, VOCAB]]), max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert model.generate(prompt, max_new_tokens=2, do_sample=False, pad_token_id=0).shape == (1, 5)
+
+
+def test_a_truncated_weights_file_is_named_in_one_line(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tiny_model().save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # a download or a copy cut short
+    with pytest.raises(OSError, match=rf"^{weights} is truncated or corrupt \(.*\): save or download it again$"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True)  # the folder's own copy of our code
