@@ -74,10 +74,13 @@ class LMHeadCrossEntropy(torch.autograd.Function):
             total = total + ((row_max + row_sum.log() - target_logits) * scale).sum()
             probs = probs.mul_(scale / row_sum).to(dtype)  # softmax / divisor; ignored rows zero
             grad_hidden[rows] = probs @ head - head[t] * scale.to(dtype)
-            # Each chunk's product in the matmul dtype (bf16 under autocast), summed over the chunks in fp32. One
-            # form on every device: cuBLAS's fp32-output addmm has no CPU kernel and does not compile on torch
-            # 2.11-2.13 (docs/loss.md weighs the two).
-            grad_weight += probs.t() @ h
+            # Each chunk's product in the matmul dtype (bf16 under autocast), summed over the chunks in fp32, the
+            # same on every device: cuBLAS's fp32-output addmm has no CPU kernel and does not compile on torch
+            # 2.11-2.13 (README, Speed, "The loss's one code path").
+            if probs.dtype == grad_weight.dtype:
+                grad_weight.addmm_(probs.t(), h)  # fp32: the sum in the product's own kernel
+            else:
+                grad_weight += probs.t() @ h
             grad_weight.index_add_(0, t, h.float() * -scale)
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         return total
