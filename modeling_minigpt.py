@@ -274,7 +274,7 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
         # all of its preallocated slots; a dynamic one counts in Python and hands over exactly past + T keys.
         past_length = cache.get_seq_length() if isinstance(cache, Cache) else 0
         if cache is None or isinstance(cache, Cache):
-            _check_context(cache, past_length, T, self.config.n_positions)
+            _check_context(cache, past_length, T, self.config.n_positions, position_ids)
         given_positions = position_ids  # restarting, they mark packed documents
         if position_ids is None:
             padding = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
@@ -328,14 +328,21 @@ def one_cache(cache, past_key_values):
     return cache if cache is not None else past_key_values
 
 
-def _check_context(cache, past_length, T, n_positions):
+def _check_context(cache, past_length, T, n_positions, position_ids=None):
     """No position past the context, on every path: training, scoring, and each step of generation. A static
-    cache is checked by its slots, at the prompt, since it counts its tokens in a tensor (under compile)."""
+    cache is checked by its slots, at the prompt, since it counts its tokens in a tensor (under compile). Positions
+    given with nothing cached are checked themselves: a row of packed documents (TRL's packing, padding-free
+    batches) restarts them at each document and may be longer than the context (not under compile: the check
+    reads a value)."""
     if cache is not None and cache.is_compileable:
         slots = cache.get_mask_sizes(T, 0)[0]
         if slots > n_positions:
             raise ValueError(f"a static KV cache of {slots} positions is longer than the model's context of "
                              f"n_positions={n_positions}: ask for at most {n_positions} tokens, prompt included")  # fmt: skip
+    elif position_ids is not None and past_length == 0:
+        if not torch.compiler.is_compiling() and position_ids.numel() and (last := int(position_ids.max())) >= n_positions:
+            raise ValueError(f"position {last} of a sequence of {T} tokens is past the model's context of "
+                             f"n_positions={n_positions}")  # fmt: skip
     elif past_length + T > n_positions:
         raise ValueError(f"sequence of {past_length + T} tokens ({past_length} cached + {T} new) is longer than the "
                          f"model's context of n_positions={n_positions}")  # fmt: skip

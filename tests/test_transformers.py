@@ -284,3 +284,28 @@ def test_packed_documents_attend_each_within_itself_as_alone(gpt2_and_ours, tmp_
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=DataCollatorWithFlattening())
     trainer.train()
     assert trainer.state.log_history[0]["loss"] == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_a_packed_row_longer_than_the_context_is_limited_by_its_positions(gpt2_and_ours):
+    """TRL's packing and padding-free batches make one row of documents, each shorter than the context, the row
+    longer (120 tokens for a 64-token context here). Before, refused for its length; GPT-2 takes it. The
+    logits and the training loss are each document's alone; a position past the context is still an error."""
+    gpt2, ours = gpt2_and_ours
+    generator = torch.Generator().manual_seed(12)
+    docs = [torch.randint(0, VOCAB, (n,), generator=generator) for n in (40, 50, 30)]
+    row = torch.cat(docs)[None]
+    positions = torch.cat([torch.arange(len(d)) for d in docs])[None]
+    assert row.shape[1] > TINY["n_positions"]
+    with torch.no_grad():
+        alone = torch.cat([ours(d[None]).logits[0] for d in docs])
+        torch.testing.assert_close(ours(row, position_ids=positions).logits[0], alone, atol=1e-5, rtol=0)
+        torch.testing.assert_close(gpt2(row, position_ids=positions, use_cache=False).logits[0], alone, atol=1e-5, rtol=0)
+    model = MiniGPTForCausalLM.from_gpt2(gpt2, embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0).train()
+    labels = torch.cat([torch.cat([torch.tensor([-100]), d[1:]]) for d in docs])[None]  # no target across documents
+    loss = model(row, position_ids=positions, shift_labels=torch.cat([labels[:, 1:], torch.tensor([[-100]])], 1)).loss
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(torch.cat([model(d[None]).logits[0, :-1] for d in docs]),
+                                                     torch.cat([d[1:] for d in docs]))  # fmt: skip
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="position 64 of a sequence of 65 tokens is past the model's context of n_positions=64"):
+        ours(row[:, :65], position_ids=torch.arange(65)[None])
