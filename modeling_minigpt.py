@@ -349,11 +349,10 @@ def _check_context(cache, past_length, T, n_positions, position_ids=None):
 
 
 def _readable(path) -> bool:
+    """Opening checks the header and that its tensors cover the file: what a truncated file fails."""
     try:
-        with safe_open(path, "pt") as weights:
-            for name in weights.keys():
-                weights.get_slice(name)
-        return True
+        with safe_open(path, "pt"):
+            return True
     except SafetensorError:
         return False
 
