@@ -17,6 +17,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+import torch
 from accelerate.utils import broadcast_object_list, gather_object, load
 
 from atomic_writes import put_in_place, staging_dir, write_text_atomically
@@ -152,6 +153,17 @@ def load_checkpoint(accelerator, candidates: list[Path]) -> tuple[Path, dict]:
         if checkpoint != candidates[-1]:
             accelerator.print(f"warning: {errors[0]}; falling back to an older checkpoint")
     raise ValueError("; ".join(problems))
+
+
+def cut_table_padding(optimizers) -> None:
+    """Checkpoints written before 2026-12-05 held the two tables padded to `pad_vocab_size_multiple` rows (the
+    model cuts its own on load): their optimizer state is cut to the rows of the parameter it belongs to. The
+    padding rows were never read, so the run goes on exactly as it would have."""
+    for optimizer in optimizers:
+        for param, state in optimizer.state.items():
+            for name, value in state.items():
+                if torch.is_tensor(value) and value.dim() and value.shape[0] > param.shape[0] and value.shape[1:] == param.shape[1:]:
+                    state[name] = value[: param.shape[0]].clone()
 
 
 def check_same_model(checkpoint: Path, config, optimizer: str) -> None:

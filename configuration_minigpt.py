@@ -51,8 +51,8 @@ class MiniGPTConfig(PretrainedConfig):
         initializer_range: std of the normal init (0.02); residual projections get 0.02/sqrt(2*n_layer).
         embd_pdrop, resid_pdrop, attn_pdrop: dropout on embeddings, residual branches and attention
             probabilities. 0.0 by default: single-epoch pretraining does not need it.
-        pad_vocab_size_multiple: round the embedding table up to a multiple of this (64 turns 50257 into
-            50304) so the lm_head matmul gets tensor-core friendly shapes. Padded ids are never predicted.
+        pad_vocab_size_multiple: the training loss pads the head's matmuls to a multiple of this many rows (64
+            turns 50257 into 50304: tensor-core friendly shapes). Only there: the tables hold `vocab_size` rows.
     """
 
     model_type = "minigpt"
@@ -112,7 +112,7 @@ class MiniGPTConfig(PretrainedConfig):
 
     @property
     def padded_vocab_size(self) -> int:
-        """Rows of the embedding table: `vocab_size` rounded up to `pad_vocab_size_multiple`."""
+        """Rows of the training loss's head matmuls: `vocab_size` rounded up to `pad_vocab_size_multiple`."""
         multiple = self.pad_vocab_size_multiple
         return -(-self.vocab_size // multiple) * multiple
 

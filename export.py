@@ -125,7 +125,7 @@ def push_to_hub(folder: Path, repo_id: str):
 
 def to_gpt2(model: MiniGPTForCausalLM) -> GPT2LMHeadModel:
     """The inverse of `MiniGPTForCausalLM.from_gpt2`: transformers' own `GPT2LMHeadModel` with these weights
-    (Conv1D layout, vocabulary padding dropped) and identical logits, for the runtimes that serve GPT-2 but
+    (Conv1D layout) and identical logits, for the runtimes that serve GPT-2 but
     run no remote code (vLLM, TGI, llama.cpp's converter, ONNX exporters)."""
     c = model.config
     # n_ctx (GPT-2's old name for the context) is read by llama.cpp's converter and mlx-lm; transformers 5 no
@@ -137,7 +137,7 @@ def to_gpt2(model: MiniGPTForCausalLM) -> GPT2LMHeadModel:
     state = {}
     for key, tensor in model.state_dict().items():
         tensor = tensor.t() if key.endswith(CONV1D_WEIGHTS) else tensor
-        state[key] = (tensor[: c.vocab_size] if key in ("transformer.wte.weight", "lm_head.weight") else tensor).clone()
+        state[key] = tensor.clone()
     gpt2.load_state_dict(state, assign=True)
     gpt2.tie_weights()
     return gpt2.train(model.training)

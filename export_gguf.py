@@ -91,8 +91,7 @@ def vocabulary(tokenizer, vocab_size: int) -> tuple[list[str], list[int], list[s
 
 def gguf_tensors(model: MiniGPTForCausalLM, outtype: str):
     """(GGUF name, data, stored type) for every tensor, in llama.cpp's GPT-2 layout. Our Linear weights are
-    (out, in), as llama.cpp's are; the vocabulary's padding rows are dropped; a tied head is left out (llama.cpp
-    then uses the token embedding)."""
+    (out, in), as llama.cpp's are; a tied head is left out (llama.cpp then uses the token embedding)."""
     c = model.config
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT2, c.n_layer)
     state = model.state_dict()
@@ -102,8 +101,6 @@ def gguf_tensors(model: MiniGPTForCausalLM, outtype: str):
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise ExportError(f"{key}: no GGUF name for it in llama.cpp's gpt2 architecture")
-        if key in ("transformer.wte.weight", "lm_head.weight"):
-            tensor = tensor[: c.vocab_size]
         data = tensor.detach().to(torch.float32).numpy()
         stored = OUTTYPES[outtype][1]
         if data.ndim == 1 or name in KEPT_IN_F32:

@@ -4,7 +4,7 @@ exporters, `AutoModelForCausalLM.from_pretrained(dir)` without trust_remote_code
 
     python export_gpt2.py runs/quickstart/final runs/quickstart/final-gpt2
 
-The weights are the same numbers (Conv1D layout, vocabulary padding dropped; logits equal ours), and the
+The weights are the same numbers (Conv1D layout; logits equal ours), and the
 tokenizer, generation config and model card come along. `train_accelerate.py --export_gpt2` does this
 for its export; both go through `export.export_gpt2`.
 """

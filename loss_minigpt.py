@@ -11,8 +11,8 @@ Hub remote code with modeling_minigpt.py, which imports it relatively: `save_pre
 import torch
 import torch.nn.functional as F
 
-# Logits a chunk holds: 2^27 is 2,668 rows at GPT-2's padded vocabulary (0.5 GiB of bf16 logits and their
-# gradient). Fewer, larger chunks keep each weight-gradient product compute-bound on a GPU (its fp32
+# Logits a chunk holds: 2^27 is 2,668 rows at GPT-2's padded vocabulary, 50,304 (0.5 GiB of bf16 logits and
+# their gradient). Fewer, larger chunks keep each weight-gradient product compute-bound on a GPU (its fp32
 # accumulator, vocab x n_embd, is read and written once a chunk) and make fewer kernels; the chunk's memory
 # is what bounds them.
 CHUNK_LOGITS = 2**27
@@ -36,24 +36,29 @@ def causal_lm_loss(logits, labels=None, shift_labels=None, num_items_in_batch=No
 
 
 class LMHeadCrossEntropy(torch.autograd.Function):
-    """Cross-entropy of `hidden @ weight.T` over the first `vocab_size` columns, with its gradients made in
-    the forward pass, a chunk of rows at a time, so that nothing vocabulary-sized is kept for backward.
+    """Cross-entropy of `hidden @ weight.T`, with its gradients made in the forward pass, a chunk of rows at a
+    time, so that nothing vocabulary-sized is kept for backward.
 
-    Each chunk's logits use every row of `weight`, padding included, so the three matmuls keep the padded
-    (tensor-core friendly) width; the padding columns are set to -inf before the softmax, so they add nothing
-    to the loss and get an exact zero gradient. The softmax, scaled by 1 / divisor, is made in place in the
+    The head is padded with zero rows to `padded_rows` where it is cast for the matmuls, so the three
+    matmuls get a tensor-core friendly width (50,257 -> 50,304) while the model's own table holds exactly
+    the vocabulary, as every tool that reads it expects; the padding columns are set to -inf before the
+    softmax, so they add nothing to the loss, and their gradient rows are dropped. The softmax, scaled by 1 / divisor, is made in place in the
     chunk's logits; the one-hot part of `softmax - onehot` is subtracted from the two gradients directly
     (a row of the head for each target, and the hidden row added into the target's row of the weight
     gradient), so no pass over the logits is spent on it. Backward only scales the gradients."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, vocab_size: int, divisor, chunk_rows: int):
-        # The matmuls run in autocast's dtype (bf16) when it is on, the softmax in fp32. The head is cast once.
+    def forward(ctx, hidden, weight, targets, padded_rows: int, divisor, chunk_rows: int):
+        # The matmuls run in autocast's dtype (bf16) when it is on, the softmax in fp32. The head is cast and
+        # padded once.
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        vocab_size = weight.shape[0]
         head = weight.to(dtype)
+        if padded_rows > vocab_size:
+            head = F.pad(head, (0, 0, 0, padded_rows - vocab_size))
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32)  # summed over the chunks in fp32
+        grad_weight = head.new_zeros(head.shape, dtype=torch.float32)  # summed over the chunks in fp32
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         # Counting the chunks (not stepping through the rows) makes a compiled graph depend on the count alone:
         # under dynamic shapes, every length with the same number of chunks runs the same graph.
@@ -82,7 +87,7 @@ class LMHeadCrossEntropy(torch.autograd.Function):
             else:
                 grad_weight += probs.t() @ h
             grad_weight.index_add_(0, t, h.float() * -scale)
-        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        ctx.save_for_backward(grad_hidden, grad_weight[:vocab_size].to(weight.dtype))
         return total
 
     @staticmethod
@@ -91,13 +96,13 @@ class LMHeadCrossEntropy(torch.autograd.Function):
         return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None, None
 
 
-def chunked_lm_head_loss(
-    hidden, weight, vocab_size, labels=None, shift_labels=None, num_items_in_batch=None, chunk_logits=CHUNK_LOGITS
-):
-    """The loss `causal_lm_loss` computes from `hidden @ weight[:vocab_size].T`, without materializing the
-    logits: chunks of `chunk_logits // len(weight)` rows."""
+def chunked_lm_head_loss(hidden, weight, labels=None, shift_labels=None, num_items_in_batch=None,
+                         pad_to_multiple_of=1, chunk_logits=CHUNK_LOGITS):  # fmt: skip
+    """The loss `causal_lm_loss` computes from `hidden @ weight.T`, without materializing the logits: chunks
+    of `chunk_logits // padded_rows` rows, the head padded to a multiple of `pad_to_multiple_of` rows."""
     targets = next_token_targets(labels, shift_labels).to(hidden.device).flatten()
     hidden = hidden.flatten(0, 1)
     divisor = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
-    chunk_rows = max(1, chunk_logits // weight.shape[0])
-    return LMHeadCrossEntropy.apply(hidden, weight, targets, vocab_size, divisor, chunk_rows)
+    padded_rows = -(-weight.shape[0] // pad_to_multiple_of) * pad_to_multiple_of
+    chunk_rows = max(1, chunk_logits // padded_rows)
+    return LMHeadCrossEntropy.apply(hidden, weight, targets, padded_rows, divisor, chunk_rows)

@@ -145,7 +145,7 @@ def output_bytes(forward: torch.fx.GraphModule, model_outputs: int) -> int:
 
 def gathered_parameters(config) -> int:
     """Parameters FSDP holds unsharded at once: the root's (embeddings, final LayerNorm) and two blocks'."""
-    C, V, P = config.n_embd, config.padded_vocab_size, config.n_positions
+    C, V, P = config.n_embd, config.vocab_size, config.n_positions
     block = 12 * C * C + 13 * C  # attention (4 C^2 + 4 C), MLP (8 C^2 + 5 C), two LayerNorms (4 C)
     return V * C + P * C + 2 * C + 2 * block
 

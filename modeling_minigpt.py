@@ -11,12 +11,14 @@ imports relatively (`configuration_minigpt`, `loss_minigpt`); otherwise it impor
 import dataclasses
 import functools
 import inspect
+import json
 import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -24,6 +26,7 @@ from transformers import (
     AutoModelForCausalLM,
     Cache,
     DynamicCache,
+    GenerationConfig,
     GenerationMixin,
     PreTrainedModel,
 )
@@ -182,32 +185,31 @@ class MiniGPTPreTrainedModel(PreTrainedModel):
     # What `output_hidden_states` (all, or chosen layers) and `output_attentions` collect, by hooks (capture_outputs).
     _can_record_outputs = {"hidden_states": Block, "attentions": OutputRecorder(CausalSelfAttention, index=1)}
 
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        # torch's load_state_dict (accelerate's checkpoints) of weights saved with padded tables
+        self.register_load_state_dict_pre_hook(lambda module, state, *_: _without_table_padding(state, config.vocab_size))
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """The library's, with an unreadable weights file named: safetensors says only "header too small"."""
+        """The library's, with an unreadable weights file named (safetensors says only "header too small"), and
+        a local folder saved with padded tables loaded without the padding rows."""
+        folder = Path(str(pretrained_model_name_or_path))
+        files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
         try:
+            if "state_dict" not in kwargs and _saved_with_padded_tables(folder, files):
+                # The library takes a state dict only instead of a folder: the config and generation config by hand
+                state = {key: tensor for file in files for key, tensor in load_file(file).items()}
+                kwargs["config"] = kwargs.get("config") or cls.config_class.from_pretrained(folder)
+                model = super().from_pretrained(None, *args, state_dict=_without_table_padding(state, _saved_vocab_size(folder)),
+                                                **kwargs)  # fmt: skip
+                if (folder / "generation_config.json").is_file():
+                    model.generation_config = GenerationConfig.from_pretrained(folder)
+                return model
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except SafetensorError as error:
-            folder = Path(str(pretrained_model_name_or_path))
-            files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
             named = ", ".join(str(f) for f in files if not _readable(f)) or f"a weights file of {pretrained_model_name_or_path}"
             raise OSError(f"{named} is truncated or corrupt ({error}): save or download it again") from None
-
-    def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True) -> nn.Embedding:
-        """`new_num_tokens` real tokens in a table padded to `pad_to_multiple_of` (by default the model's own
-        `pad_vocab_size_multiple`, which it then becomes). The library would make the padded size the
-        vocabulary; here `vocab_size` stays the count of real tokens, so padding ids are never generated and the
-        saved folder reloads. Tokens past the old vocabulary are initialised as the library initialises new rows
-        (not left with the old padding rows' random values): the table is cut to the old vocabulary first, then
-        grown. The tied head follows the embedding."""
-        if new_num_tokens is None and pad_to_multiple_of is None:
-            return self.get_input_embeddings()
-        new_num_tokens = self.config.vocab_size if new_num_tokens is None else new_num_tokens
-        multiple = pad_to_multiple_of or self.config.pad_vocab_size_multiple
-        super().resize_token_embeddings(min(new_num_tokens, self.config.vocab_size), mean_resizing=mean_resizing)
-        embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of=multiple, mean_resizing=mean_resizing)
-        self.config.vocab_size, self.config.pad_vocab_size_multiple = new_num_tokens, multiple
-        return embeddings
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -236,7 +238,7 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
 
     def __init__(self, config: MiniGPTConfig):
         super().__init__(config)
-        self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.n_positions, config.n_embd)
         self.drop = nn.Dropout(config.embd_pdrop)
         self.h = nn.ModuleList([Block(config, layer_idx=i) for i in range(config.n_layer)])
@@ -348,6 +350,33 @@ def _check_context(cache, past_length, T, n_positions, position_ids=None):
                          f"model's context of n_positions={n_positions}")  # fmt: skip
 
 
+# Folders and checkpoints written before 2026-12-05 held the two tables padded to `pad_vocab_size_multiple` rows
+# (50,304 for GPT-2); the padding rows were never read. Now only the loss pads, where it casts the head: their
+# padding is cut on load.
+TABLES = ("wte.weight", "lm_head.weight")
+
+
+def _without_table_padding(state: dict, vocab_size: int) -> dict:
+    for key in [key for key in state if key.endswith(TABLES)]:
+        state[key] = state[key][:vocab_size]
+    return state
+
+
+def _saved_vocab_size(folder: Path) -> int:
+    return json.loads((folder / "config.json").read_text())["vocab_size"]
+
+
+def _saved_with_padded_tables(folder: Path, files: list) -> bool:
+    if not files or not (folder / "config.json").is_file():
+        return False
+    vocab_size = _saved_vocab_size(folder)
+    for file in files:
+        with safe_open(file, "pt") as weights:
+            if any(weights.get_slice(key).get_shape()[0] > vocab_size for key in weights.keys() if key.endswith(TABLES)):
+                return True
+    return False
+
+
 def _readable(path) -> bool:
     """Opening checks the header and that its tensors cover the file: what a truncated file fails."""
     try:
@@ -358,8 +387,8 @@ def _readable(path) -> bool:
 
 
 def _check_token_ids(input_ids, vocab_size):
-    """An id outside the vocabulary would read a padding row silently, or fail in the embedding with an IndexError
-    that names neither. Checked at inference only: training's data is checked when it is prepared and read, and a
+    """An id outside the vocabulary would fail in the embedding with an IndexError that names neither the id nor
+    the vocabulary. Checked at inference only: training's data is checked when it is prepared and read, and a
     GPU training step must not wait for a value to be read."""
     outside = (input_ids < 0) | (input_ids >= vocab_size)
     if outside.any():
@@ -415,7 +444,7 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
     def __init__(self, config: MiniGPTConfig):
         super().__init__(config)
         self.transformer = MiniGPTModel(config)
-        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.post_init()
 
     def get_output_embeddings(self):
@@ -441,12 +470,12 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
         loss = logits = None
         if labels is None and shift_labels is None:  # inference rarely needs every position
             positions = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-            logits = self.lm_head(hidden_states[:, positions])[..., : self.config.vocab_size]  # padding dropped
+            logits = self.lm_head(hidden_states[:, positions])
         elif training and type(self.lm_head) is nn.Linear:  # a wrapped head (PEFT, quantized) must be called
-            loss = chunked_lm_head_loss(hidden_states, self.lm_head.weight, self.config.vocab_size, labels,
-                                        shift_labels, num_items_in_batch)  # fmt: skip
+            loss = chunked_lm_head_loss(hidden_states, self.lm_head.weight, labels, shift_labels, num_items_in_batch,
+                                        self.config.pad_vocab_size_multiple)  # fmt: skip
         else:
-            logits = self.lm_head(hidden_states)[..., : self.config.vocab_size]
+            logits = self.lm_head(hidden_states)
             loss = causal_lm_loss(logits, labels, shift_labels, num_items_in_batch)
             # Training needs only the loss: returned, the (B, T, V) logits would stay alive, and accelerate's
             # mixed precision would copy them to fp32 (12.3 GiB at GPT-2 124M, 64 x 1024).
@@ -486,8 +515,6 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
         with torch.no_grad():
             for key, target in ours.items():
                 weight = theirs[key].t() if key.endswith(CONV1D_WEIGHTS) else theirs[key]
-                if key in ("transformer.wte.weight", "lm_head.weight"):  # padded rows keep their init: never used
-                    target = target[: weight.shape[0]]
                 if weight.shape != target.shape:
                     raise ValueError(f"{key}: GPT-2 has shape {tuple(weight.shape)}, MiniGPT {tuple(target.shape)}")
                 target.copy_(weight)

@@ -27,8 +27,8 @@ from torch.distributed.tensor import DTensor
 from transformers import AutoTokenizer
 
 from attention_backends import preferred_backends, preferring
-from checkpoints import (check_same_model, check_shared_filesystem, checkpoint_candidates, load_checkpoint,
-                         lock_output_dir, save_checkpoint, save_tied_head_once)  # fmt: skip
+from checkpoints import (check_same_model, check_shared_filesystem, checkpoint_candidates, cut_table_padding,
+                         load_checkpoint, lock_output_dir, save_checkpoint, save_tied_head_once)  # fmt: skip
 from configuration_minigpt import PRESETS, MiniGPTConfig
 from eval_hellaswag import evaluate_hellaswag, load_examples
 from export import export_model, push_to_hub
@@ -276,7 +276,7 @@ def setup(args) -> Run:
     config = model.config
     model, *optimizers = accelerator.prepare(model, *configure_optimizers(model, args, accelerator.device.type))
     accelerator.register_save_state_pre_hook(save_tied_head_once)
-    start_step = resume(accelerator, candidates, batches, args.max_train_steps) if candidates else 0
+    start_step = resume(accelerator, candidates, optimizers, batches, args.max_train_steps) if candidates else 0
     attention = preferred_backends(accelerator.device)
     tokens_per_step = (args.per_device_train_batch_size * seq_len * accelerator.num_processes
                        * accelerator.gradient_accumulation_steps)  # fmt: skip
@@ -341,9 +341,10 @@ def verify_data(accelerator, data_dir, meta):
     accelerator.wait_for_everyone()
 
 
-def resume(accelerator, candidates, batches, max_train_steps) -> int:
+def resume(accelerator, candidates, optimizers, batches, max_train_steps) -> int:
     """Load the newest readable checkpoint into the prepared model, optimizers and data; returns its step."""
     checkpoint, state = load_checkpoint(accelerator, candidates)
+    cut_table_padding(optimizers)
     batches.load_state_dict(state["data"])
     if state["step"] >= max_train_steps:
         raise ValueError(f"{checkpoint} is at step {state['step']}, the run's last (--max_train_steps "

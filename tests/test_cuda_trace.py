@@ -95,7 +95,7 @@ def test_the_compiled_training_forward_traces_and_lowers_for_cuda_under_bf16_aut
 def test_the_losss_gradients_trace_and_lower_for_cuda(h100, autocast):
     """The loss's forward pass with the gradients it saves for backward as outputs (under `torch.compile` they are
     part of the training step's forward graph): traced with inductor's decompositions for CUDA tensors, then
-    lowered. At GPT-2's padded vocabulary, two chunks."""
+    lowered. At GPT-2's vocabulary, padded to 50,304 in the loss, two chunks."""
     from torch._inductor.decomposition import select_decomp_table
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.func import functionalize
@@ -107,21 +107,21 @@ def test_the_losss_gradients_trace_and_lower_for_cuda(h100, autocast):
 
     def loss_and_gradients(hidden, weight, targets, divisor):
         ctx = Saved()
-        rows = CHUNK_LOGITS // weight.shape[0]
+        rows = CHUNK_LOGITS // 50304
         with torch.autocast("cuda", dtype=autocast or torch.float32, enabled=autocast is not None):
-            total = LMHeadCrossEntropy.forward(ctx, hidden, weight, targets, 50257, divisor, rows)
+            total = LMHeadCrossEntropy.forward(ctx, hidden, weight, targets, 50304, divisor, rows)
         return (total, *ctx.tensors)
 
     with FakeTensorMode(allow_non_fake_inputs=True):
         with torch.device("cuda"):
             rows = CHUNK_LOGITS // 50304 + 100  # one full chunk and a short one
-            inputs = (torch.empty(rows, 768), torch.empty(50304, 768), torch.zeros(rows, dtype=torch.long), torch.tensor(rows))
+            inputs = (torch.empty(rows, 768), torch.empty(50257, 768), torch.zeros(rows, dtype=torch.long), torch.tensor(rows))
         # Functionalized, as aot_autograd hands inductor every graph: no in-place op is left to lower.
         graph = make_fx(functionalize(loss_and_gradients, remove="mutations_and_views"),
                         decomposition_table=select_decomp_table())(*inputs)  # fmt: skip
         assert not [node for node in graph.graph.nodes if str(node.target).endswith("_.default")]
         lower_for_cuda(graph, inputs)
     outputs = graph.graph.output_node().args[0]
-    assert [tuple(node.meta["val"].shape) for node in outputs] == [(), (rows, 768), (50304, 768)]
+    assert [tuple(node.meta["val"].shape) for node in outputs] == [(), (rows, 768), (50257, 768)]
     assert {node.meta["val"].device.type for node in outputs} == {"cuda"}
     assert matmul_dtypes(graph) == {(autocast or torch.float32,) * 2}

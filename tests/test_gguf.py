@@ -98,7 +98,7 @@ def test_our_bpe_run_in_llama_cpp_tokenizes_scores_and_continues_as_transformers
 
 @pytest.fixture(scope="module")
 def gpt2_vocabulary_folders(tmp_path_factory):
-    """Tiny models on GPT-2's own tokenizer (50,257 tokens, padded to 50,304 rows), tied and untied."""
+    """Tiny models on GPT-2's own tokenizer (50,257 tokens, the loss padded to 50,304), tied and untied."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(shared_file("gpt2-tokenizer"))

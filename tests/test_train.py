@@ -183,6 +183,35 @@ def test_sigkill_then_resume_latest_reproduces_the_uninterrupted_losses(optimize
         assert (out / "checkpoints" / "step_12" / "optimizer_1.bin").exists()  # Muon's momentum buffers
 
 
+def test_a_checkpoint_saved_with_padded_tables_resumes_to_the_uninterrupted_losses(uninterrupted, data_dir, tmp_path):
+    """Checkpoints written before the loss took over the vocabulary padding held the tables, and their AdamW
+    moments, with padding rows (here 512 tokens in 576 rows, as a 64-multiple run once saved them): resumed
+    at step 8, the run's last 4 losses are the uninterrupted run's, bitwise."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "legacy"
+    shutil.copytree(uninterrupted, out, ignore=shutil.ignore_patterns("step_12", "final", ".lock"))
+    (out / "checkpoints" / "latest").write_text("step_8")
+    (out / "checkpoints" / "kept.json").write_text('["step_8"]')
+    checkpoint = out / "checkpoints" / "step_8"
+    weights = load_file(checkpoint / "model.safetensors")
+    weights["transformer.wte.weight"] = torch.cat([weights["transformer.wte.weight"], torch.randn(64, 64)])
+    save_file(weights, checkpoint / "model.safetensors", metadata={"format": "pt"})
+    optimizer = torch.load(checkpoint / "optimizer.bin", weights_only=True)
+    padded = 0
+    for state in optimizer["state"].values():
+        for name, value in state.items():
+            if value.shape == (512, 64):
+                state[name], padded = torch.cat([value, torch.zeros(64, 64)]), padded + 1
+    assert padded == 2  # exp_avg and exp_avg_sq of the table
+    torch.save(optimizer, checkpoint / "optimizer.bin")
+    resumed = run_script([*TRAIN, *TINY_RUN, "--data_dir", str(data_dir), "--output_dir", str(out), "--max_train_steps",
+                          "12", "--checkpointing_steps", "4", "--resume_from_checkpoint", "latest"], tmp_path)  # fmt: skip
+    assert resumed.returncode == 0, failure(resumed)
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    assert losses(out) == losses(uninterrupted)
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

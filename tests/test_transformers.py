@@ -218,28 +218,25 @@ def test_output_attentions_takes_an_additive_float_mask_as_gpt2_does():
             torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("pad_to_multiple_of", [None, 128])
-def test_adding_tokens_to_a_padded_vocabulary_keeps_config_and_weights_one_checkpoint(pad_to_multiple_of, tmp_path):
-    """Every model the training script makes is padded (1,000 tokens in 1,024 rows here). After
-    `resize_token_embeddings`: `vocab_size` counts the real tokens and the rows are its padded size, so the
-    saved folder reloads; the new tokens are initialised as the library initialises GPT-2's (the same rows
-    for the same seed), not left with the old padding rows; no padding id is ever generated; the tied head
-    follows. Before, the folder failed to reload on a size mismatch."""
+@pytest.mark.parametrize("pad_to_multiple_of", [None, 64])
+def test_adding_tokens_to_a_model_trained_with_a_padded_loss_resizes_as_gpt2(pad_to_multiple_of, tmp_path):
+    """The training script's models pad the loss's head to a multiple of 64 rows; their tables hold exactly
+    the vocabulary. `resize_token_embeddings` then does what it does to GPT-2: the table has the rows asked
+    for (with `pad_to_multiple_of`, the library's convention: the padded rows are tokens, counted in
+    `vocab_size`), the new rows are initialised as GPT-2's (the same numbers for the same seed), the tied
+    head follows, and the saved folder reloads. Before, the table was padded to 1,024 rows for 1,000 tokens,
+    and the library's battery failed (`128 != 138`)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     gpt2 = GPT2LMHeadModel(GPT2Config(**TINY)).eval()
     ours = MiniGPTForCausalLM.from_gpt2(gpt2, pad_vocab_size_multiple=64).eval()
-    torch.manual_seed(1)
-    gpt2.resize_token_embeddings(VOCAB + 10)
-    torch.manual_seed(1)
-    ours.resize_token_embeddings(VOCAB + 10, pad_to_multiple_of=pad_to_multiple_of)
-    multiple = pad_to_multiple_of or 64
-    rows = -(-(VOCAB + 10) // multiple) * multiple
-    assert ours.config.vocab_size == VOCAB + 10 and ours.config.pad_vocab_size_multiple == multiple
-    assert ours.transformer.wte.weight.shape[0] == ours.config.padded_vocab_size == rows
+    for model in (gpt2, ours):
+        torch.manual_seed(1)
+        model.resize_token_embeddings(VOCAB + 10, pad_to_multiple_of=pad_to_multiple_of)
+    assert ours.config.vocab_size == gpt2.config.vocab_size == ours.transformer.wte.weight.shape[0]
     assert ours.lm_head.weight is ours.transformer.wte.weight
-    torch.testing.assert_close(ours.transformer.wte.weight[: VOCAB + 10], gpt2.transformer.wte.weight, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.transformer.wte.weight, gpt2.transformer.wte.weight, atol=1e-5, rtol=0)
     x = torch.randint(0, VOCAB + 10, (2, 12), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(ours(x).logits, gpt2(x).logits, atol=1e-4, rtol=0)
@@ -247,9 +244,53 @@ def test_adding_tokens_to_a_padded_vocabulary_keeps_config_and_weights_one_check
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x).logits, ours(x).logits, atol=0, rtol=0)
-        reloaded.transformer.wte.weight[VOCAB + 10 :] = 100.0  # padding rows that would win every argmax if unmasked
-    sampled = reloaded.generate(x[:, :3], max_new_tokens=30, do_sample=True, temperature=5.0, pad_token_id=VOCAB - 1)
-    assert sampled.max() < VOCAB + 10
+
+
+def test_the_head_holds_exactly_the_vocabulary_and_its_loss_is_the_models(tmp_path):
+    """What TRL (its loss from `get_output_embeddings().weight`), PEFT, vLLM and a user's code read: a
+    table of exactly `vocab_size` rows, whose cross-entropy is the model's own training loss (the loss
+    pads the head to 64-row multiples inside, where it casts it). Before, a 1,000-token model trained with
+    the defaults had 1,024 rows, and TRL's loss counted the 24 padding columns."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(**TINY, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).train()
+    ours = MiniGPTForCausalLM.from_gpt2(gpt2, pad_vocab_size_multiple=64).train()  # train: the chunked loss
+    ours.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).train()
+    assert reloaded.get_output_embeddings().weight.shape[0] == reloaded.get_input_embeddings().weight.shape[0] == VOCAB
+    x = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))
+    hidden = reloaded.transformer(x).last_hidden_state
+    theirs = torch.nn.functional.cross_entropy((hidden[:, :-1] @ reloaded.get_output_embeddings().weight.t()).flatten(0, 1),
+                                               x[:, 1:].flatten())  # fmt: skip
+    loss = reloaded(x, labels=x).loss
+    torch.testing.assert_close(loss, theirs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(loss, gpt2(x, labels=x).loss, atol=1e-5, rtol=0)
+
+
+def test_a_folder_saved_with_padded_tables_loads_without_the_padding(tmp_path):
+    """Folders and checkpoints written before the loss took over the padding hold tables of 1,024 rows for
+    a 1,000-token vocabulary: `from_pretrained` (our class, without remote code) and torch's `load_state_dict`
+    (accelerate's checkpoints) load them with exactly the vocabulary, the same logits as GPT-2's."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(**TINY)).eval()
+    ours = MiniGPTForCausalLM.from_gpt2(gpt2, pad_vocab_size_multiple=64)
+    ours.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    state = load_file(weights)
+    padded = {key: torch.cat([tensor, torch.randn(1024 - VOCAB, tensor.shape[1])]) if key.endswith("wte.weight") else tensor
+              for key, tensor in state.items()}  # fmt: skip
+    save_file(padded, weights, metadata={"format": "pt"})
+    x = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(2))
+    loaded = MiniGPTForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.transformer.wte.weight.shape[0] == VOCAB and loaded.lm_head.weight is loaded.transformer.wte.weight
+    fresh = MiniGPTForCausalLM(ours.config).eval()
+    fresh.load_state_dict(padded, strict=False)  # the tied head is stored once
+    with torch.no_grad():
+        for model in (loaded, fresh):
+            torch.testing.assert_close(model(x).logits, gpt2(x).logits, atol=1e-4, rtol=0)
 
 
 def test_packed_documents_attend_each_within_itself_as_alone(gpt2_and_ours, tmp_path):
