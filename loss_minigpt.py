@@ -81,7 +81,7 @@ class LMHeadCrossEntropy(torch.autograd.Function):
             grad_hidden[rows] = probs @ head - head[t] * scale.to(dtype)
             # Each chunk's product in the matmul dtype (bf16 under autocast), summed over the chunks in fp32, the
             # same on every device: cuBLAS's fp32-output addmm has no CPU kernel and does not compile on torch
-            # 2.11-2.13 (README, Speed, "The loss's one code path").
+            # 2.11-2.13 (docs/benchmarks.md, "The loss's one code path").
             if probs.dtype == grad_weight.dtype:
                 grad_weight.addmm_(probs.t(), h)  # fp32: the sum in the product's own kernel
             else:

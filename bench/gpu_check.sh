@@ -14,7 +14,7 @@
 # its key numbers on stdout as it ends; with ARCHIVE=FILE (on the device tool: $OUT/gpu-check.tgz) all of it but the
 # weights is packed into FILE after every step, so a run cut short keeps what it measured. No step runs past
 # BUDGET seconds from the start (its limit shrinks to what is left). The order, and each step's predicted
-# seconds on an H100 / its own limit (README, "The device check", gives the arithmetic):
+# seconds on an H100 / its own limit (docs/development.md, "The device check", gives the arithmetic):
 #   versions          5 / 30    torch, CUDA, cuDNN, the GPU
 #   estimates         - / 240   the memory estimates the runs ask for, made on the CPU beside the GPU's work
 #   speed           135 / 200   ours vs transformers' GPT-2, both compiled, micro-batch 64: tokens/s, MFU, memory
