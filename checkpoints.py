@@ -21,6 +21,7 @@ import torch
 from accelerate.utils import broadcast_object_list, gather_object, load
 
 from atomic_writes import put_in_place, staging_dir, write_text_atomically
+from token_shards import tokenizer_dir
 
 LATEST = "latest"  # file naming the newest complete checkpoint
 KEPT = "kept.json"  # the checkpoints kept, oldest first
@@ -187,5 +188,5 @@ def find_tokenizer(model_path: str, explicit: str | None) -> str:
         return explicit
     args_file = Path(model_path) / ARGS_FILE
     if not (Path(model_path) / "tokenizer.json").exists() and args_file.exists():
-        return str(Path(json.loads(args_file.read_text())["data_dir"]) / "tokenizer")
+        return str(tokenizer_dir(json.loads(args_file.read_text())["data_dir"]))
     return model_path

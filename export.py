@@ -12,7 +12,7 @@ from transformers import AutoTokenizer, GenerationConfig, GPT2Config, GPT2LMHead
 
 from atomic_writes import put_in_place, staging_dir
 from modeling_minigpt import CONV1D_WEIGHTS, GPT2_CONFIG_FIELDS, MiniGPTForCausalLM
-from token_shards import read_meta
+from token_shards import read_meta, tokenizer_dir
 
 COMPANION_FILES = ("loss.png",)  # copied into an exported folder as they are, when present
 
@@ -52,7 +52,7 @@ def export_model(accelerator, model, args, summary: dict, destination: Path, bas
 def exported_tokenizer(data_dir, config):
     """The data's tokenizer, set up for the model: truncation at its context, and a pad token (eot, as
     GPT-2 has none) on the left, where generation needs the padding."""
-    tokenizer = AutoTokenizer.from_pretrained(Path(data_dir) / "tokenizer", model_max_length=config.n_positions,
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(data_dir), model_max_length=config.n_positions,
                                               padding_side="left")  # init arguments are what save_pretrained keeps
     tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -59,11 +59,11 @@ class CausalSelfAttention(nn.Module):
         self.attn_pdrop = config.attn_pdrop
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
-    def forward(self, x, attn_mask=None, cache=None, output_attentions=False, **kwargs):
-        """`attn_mask` is the one the model made for the implementation in use; for ours, None means plain causal
-        attention. `kwargs` carry what the library's implementations read (positions, continuous batching's
-        indices). Returns the output and the attention weights (None unless asked for, or from an implementation
-        that has none)."""
+    def forward(self, x, attend, attn_mask=None, cache=None, **kwargs):
+        """`attend` and `attn_mask` are what the model chose for the implementation in use (`attention`); for ours,
+        a None mask means plain causal attention. `kwargs` carry what the library's implementations read
+        (positions, continuous batching's indices). Returns the output and the attention weights (None from an
+        implementation that makes none)."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -73,31 +73,30 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.update(k, v, self.layer_idx)  # (B, nh, past + T, hs)
         elif cache is not None:
             k, v = update_paged_cache(cache, k, v, self.layer_idx, kwargs)
-        attend = attention_function(self.config._attn_implementation, output_attentions)
         dropout = self.attn_pdrop if self.training else 0.0
         y, weights = attend(self, q, k, v, attn_mask, dropout=dropout, scaling=self.scaling, **kwargs)
         y = y.reshape(B, T, C)  # (B, T, nh, hs) -> all head outputs side by side
         return self.resid_dropout(self.c_proj(y)), weights
 
 
-def sdpa_attention(module, q, k, v, attn_mask, dropout=0.0, **kwargs):
+def sdpa_attention(module, q, k, v, attn_mask, dropout=0.0, scaling=None, **kwargs):
     """MiniGPT's default, "sdpa": one fused kernel, SDPA's mask (boolean, True attends, or additive). Without a
     mask it is causal: over a full sequence, or one new token seeing every cached one. Signature and (B, T, nh, hs)
     output as the library's attention functions."""
     # A full sequence without a mask takes SDPA's is_causal kernel. Under torch.compile with dynamic shapes
     # `T > 1` is a symbolic bool, which SDPA refuses: branching on it makes it a guard instead.
     is_causal = True if attn_mask is None and q.shape[2] > 1 else False
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p=dropout, is_causal=is_causal, scale=scaling)
     return y.transpose(1, 2), None
 
 
-def eager_attention(module, q, k, v, attn_mask, dropout=0.0, **kwargs):
+def eager_attention(module, q, k, v, attn_mask, dropout=0.0, scaling=None, **kwargs):
     """"eager": what SDPA computes, written out so the (B, nh, T, S) attention weights can be returned. It holds
     that tensor in memory and runs unfused, so "sdpa" uses it only when `output_attentions` asks for weights."""
     T, S = q.shape[2], k.shape[2]
     if attn_mask is None:  # causal, with the queries being the last T of the S positions
         attn_mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, nh, T, S)
+    scores = (q @ k.transpose(-2, -1)) * scaling  # (B, nh, T, S)
     if attn_mask.dtype == torch.bool:
         scores = scores.masked_fill(~attn_mask, float("-inf"))
     else:
@@ -109,37 +108,6 @@ def eager_attention(module, q, k, v, attn_mask, dropout=0.0, **kwargs):
 # Our own implementations, under the library's names. They take the model's own masks (None for plain causal
 # attention); every other implementation gets the library's masks.
 OWN_ATTENTION = {"sdpa": sdpa_attention, "eager": eager_attention}
-
-
-def attention_function(implementation, output_attentions):
-    """"sdpa" (the default) and "eager" are ours; any other name comes from the library's registry: flash attention,
-    flex attention, paged attention, kernels from the Hub, or a function a user registered."""
-    implementation = implementation or "sdpa"  # unset on a model built outside `from_pretrained`/`__init__`
-    if output_attentions and implementation == "sdpa":
-        implementation = "eager"  # a fused kernel has no weights to return
-    if is_own(implementation):
-        return OWN_ATTENTION[implementation]
-    return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention)
-
-
-def is_own(implementation) -> bool:
-    return implementation is None or implementation in OWN_ATTENTION
-
-
-def update_paged_cache(cache, k, v, layer_idx, kwargs):
-    """Continuous batching's paged cache (not a `Cache`). In newer transformers (5.24) the model writes to it,
-    reading the batch's indices from `kwargs` (which it narrows to this layer); in 5.17 the paged attention
-    function did, given the cache among its keyword arguments."""
-    if model_writes_paged_cache(type(cache)):
-        return cache.update(k, v, layer_idx, kwargs=kwargs)
-    kwargs["cache"] = cache
-    return k, v
-
-
-@functools.cache
-def model_writes_paged_cache(cache_class) -> bool:
-    """Read once per class, not at every layer of every decoding step."""
-    return "kwargs" in inspect.signature(cache_class.update).parameters
 
 
 class MLP(nn.Module):
@@ -165,8 +133,8 @@ class Block(GradientCheckpointingLayer):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, attn_mask=None, cache=None, output_attentions=False, **kwargs):
-        attended, weights = self.attn(self.ln_1(x), attn_mask, cache, output_attentions, **kwargs)
+    def forward(self, x, attend, attn_mask=None, cache=None, **kwargs):
+        attended, weights = self.attn(self.ln_1(x), attend, attn_mask, cache, **kwargs)
         x = x + attended
         return x + self.mlp(self.ln_2(x)), weights
 
@@ -188,7 +156,7 @@ class MiniGPTPreTrainedModel(PreTrainedModel):
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         # torch's load_state_dict (accelerate's checkpoints) of weights saved with padded tables
-        self.register_load_state_dict_pre_hook(lambda module, state, *_: _without_table_padding(state, config.vocab_size))
+        self.register_load_state_dict_pre_hook(lambda _, state, *__: _without_table_padding(state, config.vocab_size))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -200,9 +168,9 @@ class MiniGPTPreTrainedModel(PreTrainedModel):
             if "state_dict" not in kwargs and _saved_with_padded_tables(folder, files):
                 # The library takes a state dict only instead of a folder: the config and generation config by hand
                 state = {key: tensor for file in files for key, tensor in load_file(file).items()}
+                state = _without_table_padding(state, _saved_vocab_size(folder))
                 kwargs["config"] = kwargs.get("config") or cls.config_class.from_pretrained(folder)
-                model = super().from_pretrained(None, *args, state_dict=_without_table_padding(state, _saved_vocab_size(folder)),
-                                                **kwargs)  # fmt: skip
+                model = super().from_pretrained(None, *args, state_dict=state, **kwargs)
                 if (folder / "generation_config.json").is_file():
                     model.generation_config = GenerationConfig.from_pretrained(folder)
                 return model
@@ -281,15 +249,27 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
         if position_ids is None:
             padding = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
             position_ids = _position_ids(padding, past_length, T, inputs_embeds.device)
-        if is_own(self.config._attn_implementation):
-            attn_mask = self._own_mask(attention_mask, cache, past_length, inputs_embeds, given_positions)
-        else:
-            attn_mask = self._library_mask(attention_mask, cache, past_length, inputs_embeds, position_ids)
+        masks = (attention_mask, cache, past_length, inputs_embeds, position_ids, given_positions)
+        attend, attn_mask = self.attention(output_attentions, *masks)
 
         x = self.drop(inputs_embeds + self.wpe(position_ids))
         for block in self.h:
-            x, _ = block(x, attn_mask, cache, output_attentions, position_ids=position_ids, **kwargs)
+            x, _ = block(x, attend, attn_mask, cache, position_ids=position_ids, **kwargs)
         return BaseModelOutputWithPast(last_hidden_state=self.ln_f(x), **{CACHE_FIELD: cache if use_cache else None})
+
+    def attention(self, output_attentions, attention_mask, cache, past_length, inputs_embeds, position_ids,
+                  given_positions):  # fmt: skip
+        """The attention function and its mask, chosen together once a forward pass. "sdpa" (the default) and "eager"
+        are ours, with our masks; any other name comes from the library's registry (flash attention, flex attention,
+        paged attention, kernels from the Hub, a function a user registered), with the library's masks."""
+        implementation = self.config._attn_implementation or "sdpa"  # unset on a model built outside from_pretrained
+        if output_attentions and implementation == "sdpa":
+            implementation = "eager"  # a fused kernel has no weights to return
+        if implementation in OWN_ATTENTION:
+            return OWN_ATTENTION[implementation], self._own_mask(attention_mask, cache, past_length, inputs_embeds,
+                                                                 given_positions)  # fmt: skip
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention)
+        return attend, self._library_mask(attention_mask, cache, past_length, inputs_embeds, position_ids)
 
     def _own_mask(self, attention_mask, cache, past_length, inputs_embeds, position_ids):
         """The mask our own implementations take: None for plain causal attention (a full sequence, or one new token
@@ -316,6 +296,8 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
         return create_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids)
 
 
+# --- What differs between transformers releases (5.17 to the newest) ---------------------------------------
+
 # transformers 5.24 renamed the KV cache from `past_key_values` to `cache`: the argument `generate` passes to
 # `forward`, and the output field it reads the cache back from. `forward` takes either name; outputs use the
 # installed release's field, read off its public output class (the old name warns on 5.24, and earlier
@@ -330,25 +312,23 @@ def one_cache(cache, past_key_values):
     return cache if cache is not None else past_key_values
 
 
-def _check_context(cache, past_length, T, n_positions, position_ids=None):
-    """No position past the context, on every path: training, scoring, and each step of generation. A static
-    cache is checked by its slots, at the prompt, since it counts its tokens in a tensor (under compile). Positions
-    given with nothing cached are checked themselves: a row of packed documents (TRL's packing, padding-free
-    batches) restarts them at each document and may be longer than the context (not under compile: the check
-    reads a value)."""
-    if cache is not None and cache.is_compileable:
-        slots = cache.get_mask_sizes(T, 0)[0]
-        if slots > n_positions:
-            raise ValueError(f"a static KV cache of {slots} positions is longer than the model's context of "
-                             f"n_positions={n_positions}: ask for at most {n_positions} tokens, prompt included")  # fmt: skip
-    elif position_ids is not None and past_length == 0:
-        if not torch.compiler.is_compiling() and position_ids.numel() and (last := int(position_ids.max())) >= n_positions:
-            raise ValueError(f"position {last} of a sequence of {T} tokens is past the model's context of "
-                             f"n_positions={n_positions}")  # fmt: skip
-    elif past_length + T > n_positions:
-        raise ValueError(f"sequence of {past_length + T} tokens ({past_length} cached + {T} new) is longer than the "
-                         f"model's context of n_positions={n_positions}")  # fmt: skip
+def update_paged_cache(cache, k, v, layer_idx, kwargs):
+    """Continuous batching's paged cache (not a `Cache`). In newer transformers (5.24) the model writes to it,
+    reading the batch's indices from `kwargs` (which it narrows to this layer); in 5.17 the paged attention
+    function did, given the cache among its keyword arguments."""
+    if model_writes_paged_cache(type(cache)):
+        return cache.update(k, v, layer_idx, kwargs=kwargs)
+    kwargs["cache"] = cache
+    return k, v
 
+
+@functools.cache
+def model_writes_paged_cache(cache_class) -> bool:
+    """Read once per class, not at every layer of every decoding step."""
+    return "kwargs" in inspect.signature(cache_class.update).parameters
+
+
+# --- Loading saved folders ---------------------------------------------------------------------------------
 
 # Folders and checkpoints written before 2026-12-05 held the two tables padded to `pad_vocab_size_multiple` rows
 # (50,304 for GPT-2); the padding rows were never read. Now only the loss pads, where it casts the head: their
@@ -372,7 +352,8 @@ def _saved_with_padded_tables(folder: Path, files: list) -> bool:
     vocab_size = _saved_vocab_size(folder)
     for file in files:
         with safe_open(file, "pt") as weights:
-            if any(weights.get_slice(key).get_shape()[0] > vocab_size for key in weights.keys() if key.endswith(TABLES)):
+            tables = [key for key in weights.keys() if key.endswith(TABLES)]
+            if any(weights.get_slice(key).get_shape()[0] > vocab_size for key in tables):
                 return True
     return False
 
@@ -384,6 +365,29 @@ def _readable(path) -> bool:
             return True
     except SafetensorError:
         return False
+
+
+# --- Helpers of the forward pass ----------------------------------------------------------------------------
+
+
+def _check_context(cache, past_length, T, n_positions, position_ids=None):
+    """No position past the context, on every path: training, scoring, and each step of generation. A static
+    cache is checked by its slots, at the prompt, since it counts its tokens in a tensor (under compile). Positions
+    given with nothing cached are checked themselves: a row of packed documents (TRL's packing, padding-free
+    batches) restarts them at each document and may be longer than the context (not under compile: the check
+    reads a value)."""
+    if cache is not None and cache.is_compileable:
+        slots = cache.get_mask_sizes(T, 0)[0]
+        if slots > n_positions:
+            raise ValueError(f"a static KV cache of {slots} positions is longer than the model's context of "
+                             f"n_positions={n_positions}: ask for at most {n_positions} tokens, prompt included")  # fmt: skip
+    elif position_ids is not None and past_length == 0:
+        if not torch.compiler.is_compiling() and position_ids.numel() and (last := int(position_ids.max())) >= n_positions:
+            raise ValueError(f"position {last} of a sequence of {T} tokens is past the model's context of "
+                             f"n_positions={n_positions}")  # fmt: skip
+    elif past_length + T > n_positions:
+        raise ValueError(f"sequence of {past_length + T} tokens ({past_length} cached + {T} new) is longer than the "
+                         f"model's context of n_positions={n_positions}")  # fmt: skip
 
 
 def _check_token_ids(input_ids, vocab_size):

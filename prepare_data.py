@@ -35,11 +35,11 @@ except ImportError:
     sys.exit("prepare_data.py: error: it needs the `datasets` package (pip install datasets)")
 
 from atomic_writes import write_text_atomically
-from token_shards import META_FILE, ShardError, open_shard, token_dtype, tokenizer_sha256, verify_shards, write_shard
+from token_shards import (META_FILE, ShardError, open_shard, token_dtype, tokenizer_dir, tokenizer_sha256, verify_shards,
+                          write_shard)
 from tokenizing import EOT, MIN_BPE_VOCAB, document_encoder, load_tokenizer, train_bpe
 
 PROGRESS_FILE = "progress.json"
-TOKENIZER_DIR = "tokenizer"
 
 
 def parse_args(argv=None):
@@ -384,7 +384,7 @@ def main(argv=None):
     args = parse_args(argv)
     out = args.output_dir
     corpus = load_corpus(args)
-    tokenizer = corpus_tokenizer(args, corpus, out / TOKENIZER_DIR)
+    tokenizer = corpus_tokenizer(args, corpus, tokenizer_dir(out))
     encode = document_encoder(tokenizer, args.encoder)
     corpus, val_tokens, val_docs = split_corpus(args, corpus, encode)
     settings = settings_of(args, tokenizer, val_tokens)
@@ -399,7 +399,7 @@ def main(argv=None):
             print(f"{out} is complete; added the val split's size in bytes ({meta['val_bytes']:,}) for bits per byte")
         return out
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(out / TOKENIZER_DIR)
+    tokenizer.save_pretrained(tokenizer_dir(out))
 
     dtype = token_dtype(len(tokenizer))
     written = sum(s["tokens"] for s in progress["shards"])

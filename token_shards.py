@@ -20,6 +20,7 @@ FORMAT_VERSION = 1
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 META_FILE = "meta.json"
+TOKENIZER_DIR = "tokenizer"  # the data's tokenizer, saved beside its shards
 
 
 class ShardError(ValueError):
@@ -80,6 +81,10 @@ def open_shard(path: Path, expected_tokens: int | None = None) -> np.memmap:
         raise ShardError(f"shard {path} holds {count} tokens but {META_FILE} says {expected_tokens}")
     dtype = np.dtype("<u2" if itemsize == 2 else "<u4")
     return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(count,))
+
+
+def tokenizer_dir(data_dir) -> Path:
+    return Path(data_dir) / TOKENIZER_DIR
 
 
 def read_meta(data_dir: Path) -> dict:

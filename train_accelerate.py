@@ -36,7 +36,7 @@ from memory_estimate import fit_micro_batch
 from metrics import MetricsLog, device_peak_flops, log_line, machine, model_flops_per_token, plot_losses
 from modeling_minigpt import MiniGPTForCausalLM
 from optimization import configure_optimizers, lr_factor, set_lr, short_schedule_warning
-from token_shards import ShardedTokens, read_meta, verify_shards
+from token_shards import ShardedTokens, read_meta, tokenizer_dir, verify_shards
 from validation import (
     bits_per_byte,
     bits_per_byte_note,
@@ -259,9 +259,9 @@ def setup(args) -> Run:
                             accelerator.process_index, accelerator.num_processes, seed=args.seed)  # fmt: skip
     check_val_windows(args.data_dir, args.per_device_train_batch_size, seq_len, args.eval_iters,
                       f"--eval_iters {args.eval_iters} x batch {args.per_device_train_batch_size}")  # fmt: skip
-    tokenizer = AutoTokenizer.from_pretrained(Path(args.data_dir) / "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(args.data_dir))
     if args.export_gguf:
-        check_gguf_export(tokenizer, Path(args.data_dir) / "tokenizer")
+        check_gguf_export(tokenizer, tokenizer_dir(args.data_dir))
     hellaswag = load_examples(args.hellaswag, args.hellaswag_limit) if args.hellaswag else None
     candidates = checkpoint_candidates(args.resume_from_checkpoint, args.output_dir) if args.resume_from_checkpoint else []
     if candidates:

@@ -4,8 +4,8 @@ can read, enough val windows, the model's own tokenizer). Shared by training and
 import math
 
 import torch
-import torch.nn.functional as F
 
+from loss_minigpt import causal_lm_loss
 from token_shards import ShardedTokens, ShardError, read_meta, tokenizer_sha256
 
 # Logits one evaluation forward may return: 2^28 are 1 GiB in fp32, the dtype accelerate's mixed precision
@@ -64,7 +64,7 @@ def val_loss(model, data_dir, batch_size, seq_len, batches, accelerator=None) ->
         total = torch.zeros((), device=device)
         for rows in window.to(device).split(rows_per_forward):
             logits = model(input_ids=rows[:, :-1], use_cache=False).logits  # a cache would be ~2.4 GiB at 64 x 1024
-            total += F.cross_entropy(logits.flatten(0, 1).float(), rows[:, 1:].flatten(), reduction="sum")
+            total += causal_lm_loss(logits, shift_labels=rows[:, 1:], num_items_in_batch=1)  # the sum (divided by 1)
         if counted:
             losses[i] = total / window[:, 1:].numel()
     model.train(was_training)

@@ -2,7 +2,6 @@
 logits equal the library's GPT-2's, tied and untied. (Before, `from_gpt2` tied every model and dropped `lm_head`:
 logits off by up to 20.8 on a random 2-layer model.) The GGUF export of such a folder is tested in test_gguf.py."""
 
-import sys
 
 import pytest
 import torch
