@@ -11,7 +11,8 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData, create_repo, u
 from transformers import AutoTokenizer, GenerationConfig, GPT2Config, GPT2LMHeadModel
 
 from atomic_writes import put_in_place, staging_dir
-from modeling_minigpt import CONV1D_WEIGHTS, GPT2_CONFIG_FIELDS, MiniGPTForCausalLM
+from conversion_minigpt import CONV1D_WEIGHTS, GPT2_CONFIG_FIELDS
+from modeling_minigpt import MiniGPTForCausalLM
 from token_shards import read_meta, tokenizer_dir
 
 COMPANION_FILES = ("loss.png",)  # copied into an exported folder as they are, when present

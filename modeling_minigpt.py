@@ -4,21 +4,20 @@ Readable blocks in the spirit of nanoGPT (attention, MLP, block, model) inside t
 expects (config class, weight init, tied embeddings, KV cache, generation). Module names are those of
 the OpenAI checkpoint (`wte`, `wpe`, `h`, `c_attn`, `c_proj`, `ln_f`), so its weights map one to one.
 
-This file is Hub "remote code": `save_pretrained` copies it next to the weights, with the two modules it
-imports relatively (`configuration_minigpt`, `loss_minigpt`); otherwise it imports only installed packages.
+This file is Hub "remote code": `save_pretrained` copies it next to the weights, with the modules it imports
+relatively (`configuration_minigpt`, `loss_minigpt`, `conversion_minigpt`); otherwise it imports only installed
+packages.
 """
 
 import dataclasses
 import functools
 import inspect
-import json
 import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -39,9 +38,11 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 try:  # as Hub remote code (a package) ...
     from .configuration_minigpt import MiniGPTConfig
+    from .conversion_minigpt import from_gpt2, state_without_table_padding, without_table_padding
     from .loss_minigpt import causal_lm_loss, chunked_lm_head_loss
 except ImportError:  # ... or as top-level modules of this repository's scripts
     from configuration_minigpt import MiniGPTConfig
+    from conversion_minigpt import from_gpt2, state_without_table_padding, without_table_padding
     from loss_minigpt import causal_lm_loss, chunked_lm_head_loss
 
 
@@ -156,7 +157,7 @@ class MiniGPTPreTrainedModel(PreTrainedModel):
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         # torch's load_state_dict (accelerate's checkpoints) of weights saved with padded tables
-        self.register_load_state_dict_pre_hook(lambda _, state, *__: _without_table_padding(state, config.vocab_size))
+        self.register_load_state_dict_pre_hook(lambda _, state, *__: without_table_padding(state, config.vocab_size))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -165,10 +166,9 @@ class MiniGPTPreTrainedModel(PreTrainedModel):
         folder = Path(str(pretrained_model_name_or_path))
         files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
         try:
-            if "state_dict" not in kwargs and _saved_with_padded_tables(folder, files):
+            state = None if "state_dict" in kwargs else state_without_table_padding(folder, files)
+            if state is not None:
                 # The library takes a state dict only instead of a folder: the config and generation config by hand
-                state = {key: tensor for file in files for key, tensor in load_file(file).items()}
-                state = _without_table_padding(state, _saved_vocab_size(folder))
                 kwargs["config"] = kwargs.get("config") or cls.config_class.from_pretrained(folder)
                 model = super().from_pretrained(None, *args, state_dict=state, **kwargs)
                 if (folder / "generation_config.json").is_file():
@@ -330,33 +330,6 @@ def model_writes_paged_cache(cache_class) -> bool:
 
 # --- Loading saved folders ---------------------------------------------------------------------------------
 
-# Folders and checkpoints written before 2026-12-05 held the two tables padded to `pad_vocab_size_multiple` rows
-# (50,304 for GPT-2); the padding rows were never read. Now only the loss pads, where it casts the head: their
-# padding is cut on load.
-TABLES = ("wte.weight", "lm_head.weight")
-
-
-def _without_table_padding(state: dict, vocab_size: int) -> dict:
-    for key in [key for key in state if key.endswith(TABLES)]:
-        state[key] = state[key][:vocab_size]
-    return state
-
-
-def _saved_vocab_size(folder: Path) -> int:
-    return json.loads((folder / "config.json").read_text())["vocab_size"]
-
-
-def _saved_with_padded_tables(folder: Path, files: list) -> bool:
-    if not files or not (folder / "config.json").is_file():
-        return False
-    vocab_size = _saved_vocab_size(folder)
-    for file in files:
-        with safe_open(file, "pt") as weights:
-            tables = [key for key in weights.keys() if key.endswith(TABLES)]
-            if any(weights.get_slice(key).get_shape()[0] > vocab_size for key in tables):
-                return True
-    return False
-
 
 def _readable(path) -> bool:
     """Opening checks the header and that its tensors cover the file: what a truncated file fails."""
@@ -492,44 +465,8 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
     def from_gpt2(cls, source="openai-community/gpt2", **config_overrides) -> "MiniGPTForCausalLM":
         """Convert OpenAI's GPT-2 weights: `source` is a `transformers.GPT2LMHeadModel`, a local directory
         or a Hub id (`openai-community/gpt2` ... `gpt2-xl`). The logits equal the library's GPT-2."""
-        from transformers import GPT2LMHeadModel
+        return from_gpt2(cls, source, **config_overrides)
 
-        gpt2 = source if isinstance(source, GPT2LMHeadModel) else GPT2LMHeadModel.from_pretrained(source)
-        g = gpt2.config
-        unsupported = {
-            "activation_function": (g.activation_function, "gelu_new"),
-            "n_inner": (g.n_inner, None),
-            "scale_attn_weights": (g.scale_attn_weights, True),
-            "scale_attn_by_inverse_layer_idx": (g.scale_attn_by_inverse_layer_idx, False),
-            "reorder_and_upcast_attn": (g.reorder_and_upcast_attn, False),
-        }
-        differing = [f"{name}={got!r} (need {want!r})" for name, (got, want) in unsupported.items() if got != want]
-        if differing:
-            raise ValueError(f"GPT-2 checkpoint uses options MiniGPT does not implement: {', '.join(differing)}")
-        tied = bool(getattr(g, "tie_word_embeddings", True))  # an untied GPT-2 keeps its own head
-        config = MiniGPTConfig(**{**{name: getattr(g, name) for name in GPT2_CONFIG_FIELDS}, "tie_word_embeddings": tied,
-                                  **config_overrides})  # fmt: skip
-        model = cls(config).to(gpt2.dtype)
-
-        copied = "transformer." if config.tie_word_embeddings else ("transformer.", "lm_head.")
-        theirs = {k: v for k, v in gpt2.state_dict().items() if k.startswith(copied)}
-        ours = {k: v for k, v in model.state_dict().items() if k.startswith(copied)}
-        if theirs.keys() != ours.keys():
-            raise ValueError(f"GPT-2 checkpoint keys differ: {sorted(theirs.keys() ^ ours.keys())}")
-        with torch.no_grad():
-            for key, target in ours.items():
-                weight = theirs[key].t() if key.endswith(CONV1D_WEIGHTS) else theirs[key]
-                if weight.shape != target.shape:
-                    raise ValueError(f"{key}: GPT-2 has shape {tuple(weight.shape)}, MiniGPT {tuple(target.shape)}")
-                target.copy_(weight)
-        return model
-
-
-# The hyperparameters MiniGPTConfig and transformers' GPT2Config share, under the same names.
-GPT2_CONFIG_FIELDS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "layer_norm_epsilon",
-                      "initializer_range", "embd_pdrop", "resid_pdrop", "attn_pdrop", "bos_token_id", "eos_token_id")  # fmt: skip
-# OpenAI stored these as Conv1D, (in, out); nn.Linear holds (out, in).
-CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 # Hub integration: `save_pretrained` copies this file and configuration_minigpt.py next to the weights
 # and writes `auto_map` into config.json, so `from_pretrained(..., trust_remote_code=True)` works anywhere.
