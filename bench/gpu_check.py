@@ -1,6 +1,7 @@
 """The Python parts of bench/gpu_check.sh, one per `--only`: each writes RESULTS/<check>.json when it ends
 (temporary name, then rename), so a run cut short keeps what was measured before it.
 
+    python bench/gpu_check.py --results DIR --only kernels      # what bench/roofline.py assumes: GEMMs, HBM
     python bench/gpu_check.py --results DIR --only speed        # ours vs transformers' GPT-2, both compiled
     python bench/gpu_check.py --results DIR --only attention    # the SDPA kernel that runs; cuDNN vs flash
     python bench/gpu_check.py --results DIR --only losses       # the loss kinds: time, memory, the estimate
@@ -28,7 +29,7 @@ from attention_backends import preferred_backends, preferring  # noqa: E402
 from configuration_minigpt import MiniGPTConfig  # noqa: E402
 from loss_minigpt import causal_lm_loss  # noqa: E402
 from memory_estimate import Estimates, GiB  # noqa: E402
-from metrics import machine, model_flops_per_token, peak_bf16_flops  # noqa: E402
+from metrics import device_peak_flops, machine, model_flops_per_token, peak_bf16_flops  # noqa: E402
 from modeling_minigpt import MiniGPTForCausalLM  # noqa: E402
 
 
@@ -173,6 +174,31 @@ def speed(args, device) -> dict:
     return out
 
 
+def kernels(args, device) -> dict:
+    """What bench/roofline.py assumes, measured: bf16 GEMM efficiency (of the dense bf16 peak) at the training step's
+    shapes (the LM head padded to a multiple of 64 and at the vocabulary itself), and the bandwidth an elementwise
+    kernel reaches (a bf16 add of two 0.5 GiB tensors: three tensors' bytes)."""
+    config = recipe_config(args)
+    rows, C, V = args.batch * args.seq_len, config.n_embd, config.vocab_size
+    shapes = {"qkv": (rows, C, 3 * C), "attention_proj": (rows, C, C), "mlp_fc": (rows, C, 4 * C),
+              "mlp_proj": (rows, 4 * C, C), "head": (rows, C, config.padded_vocab_size), "head_unpadded": (rows, C, V),
+              "head_weight_grad": (config.padded_vocab_size, rows, C)}  # fmt: skip
+    peak = device_peak_flops(device)
+    out = {"peak_bf16_flops": peak}
+    repeats, rounds = (10, 3) if device.type == "cuda" else (1, 1)  # the CPU dry run only shows the check runs
+    for name, (m, k, n) in shapes.items():
+        a = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+        b = torch.randn(k, n, device=device, dtype=torch.bfloat16)
+        seconds = min(timed(lambda: a @ b, device, repeats) for _ in range(rounds))
+        out[name] = {"shape": [m, k, n], "tflops": 2 * m * k * n / seconds / 1e12,
+                     "efficiency": 2 * m * k * n / seconds / peak if peak else None}  # fmt: skip
+    x, y = (torch.randn(2**28 if device.type == "cuda" else 2**20, device=device, dtype=torch.bfloat16) for _ in range(2))
+    seconds = min(timed(lambda: x + y, device, repeats) for _ in range(rounds))
+    out["elementwise_gb_per_s"] = 3 * x.numel() * x.element_size() / seconds / 1e9
+    print(f"  {out}", flush=True)
+    return out
+
+
 def attention(args, device) -> dict:
     """Which SDPA kernel the training step runs (the profiler's kernel names, under the training script's
     preference), and each backend alone at the training shape, forward and backward."""
@@ -211,7 +237,7 @@ def attention(args, device) -> dict:
 def plain_loss(model, batch):
     """The loss through full (B, T, V) logits, as a wrapped head (PEFT) or a naive loop computes it."""
     hidden = model.transformer(input_ids=batch[:, :-1], use_cache=False).last_hidden_state
-    return causal_lm_loss(model.lm_head(hidden)[..., : model.config.vocab_size], shift_labels=batch[:, 1:])
+    return causal_lm_loss(model.lm_head(hidden), shift_labels=batch[:, 1:])
 
 
 def losses(args, device) -> dict:
@@ -261,7 +287,7 @@ def estimates(args, device) -> dict:
     return out
 
 
-CHECKS = {"speed": speed, "attention": attention, "losses": losses, "estimates": estimates}
+CHECKS = {"kernels": kernels, "speed": speed, "attention": attention, "losses": losses, "estimates": estimates}
 
 
 def main(argv=None):

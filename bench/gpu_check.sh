@@ -16,6 +16,7 @@
 # BUDGET seconds from the start (its limit shrinks to what is left). The order, and each step's predicted
 # seconds on an H100 / its own limit (docs/development.md, "The device check", gives the arithmetic):
 #   versions          5 / 30    torch, CUDA, cuDNN, the GPU
+#   kernels          15 / 40    what bench/roofline.py assumes: bf16 GEMMs at the step's shapes, elementwise bandwidth
 #   estimates         - / 240   the memory estimates the runs ask for, made on the CPU beside the GPU's work
 #   speed           135 / 200   ours vs transformers' GPT-2, both compiled, micro-batch 64: tokens/s, MFU, memory
 #   train           105 / 160   train_accelerate.py --compile, 12 steps, evaluation and a checkpoint at step 6
@@ -94,6 +95,7 @@ print('cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), 'devi
 print(subprocess.run(['nvidia-smi', '--query-gpu=name,memory.total,clocks.max.sm,power.limit', '--format=csv'], capture_output=True, text=True).stdout if torch.cuda.is_available() else 'no GPU')"
 # The runs' memory estimates on the CPU, beside the speed step's GPU work: the runs then find them cached.
 (timeout 240 "${check[@]}" estimates --data_dir "$data" >"$results/estimates.log" 2>&1 &)
+step kernels 40 "${check[@]}" kernels
 step speed 200 "${check[@]}" speed
 step train 160 env TORCH_LOGS=recompiles,graph_breaks bash -c 'train "$results/runs/compiled" --compile'
 step resume 90 env TORCH_LOGS=recompiles bash -c resume

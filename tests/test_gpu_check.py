@@ -21,8 +21,10 @@ def test_the_device_check_runs_every_step_on_cpu(data_dir, handmade_hellaswag, t
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     steps = {row["step"]: row["exit"] for row in map(json.loads, (results / "steps.jsonl").read_text().splitlines())}
-    assert list(steps) == ["versions", "speed", "train", "resume", "attention", "losses", "train-eager", "hellaswag"]
+    assert list(steps) == ["versions", "kernels", "speed", "train", "resume", "attention", "losses", "train-eager", "hellaswag"]
     assert set(steps.values()) == {0}, steps
+    kernels = json.loads((results / "kernels.json").read_text())["steps"]["kernels"]
+    assert kernels["ok"] and kernels["head"]["tflops"] > 0 and kernels["elementwise_gb_per_s"] > 0
     speed = json.loads((results / "speed.json").read_text())["steps"]["speed"]
     assert speed["ok"] and speed["ours"]["tokens_per_s"] > 0 and speed["transformers"]["tokens_per_s"] > 0
     losses = json.loads((results / "losses.json").read_text())["steps"]["losses"]
