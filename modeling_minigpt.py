@@ -156,8 +156,9 @@ class MiniGPTPreTrainedModel(PreTrainedModel):
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
-        # torch's load_state_dict (accelerate's checkpoints) of weights saved with padded tables
-        self.register_load_state_dict_pre_hook(lambda _, state, *__: without_table_padding(state, config.vocab_size))
+        # torch's load_state_dict (accelerate's checkpoints) of weights saved with padded tables; a module-level
+        # function, not a lambda, so that the model still pickles
+        self.register_load_state_dict_pre_hook(_cut_table_padding)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -329,6 +330,10 @@ def model_writes_paged_cache(cache_class) -> bool:
 
 
 # --- Loading saved folders ---------------------------------------------------------------------------------
+
+
+def _cut_table_padding(module, state, *_):
+    without_table_padding(state, module.config.vocab_size)
 
 
 def _readable(path) -> bool:
