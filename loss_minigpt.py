@@ -42,10 +42,12 @@ class LMHeadCrossEntropy(torch.autograd.Function):
     The head is padded with zero rows to `padded_rows` where it is cast for the matmuls, so the three
     matmuls get a tensor-core friendly width (50,257 -> 50,304) while the model's own table holds exactly
     the vocabulary, as every tool that reads it expects; the padding columns are set to -inf before the
-    softmax, so they add nothing to the loss, and their gradient rows are dropped. The softmax, scaled by 1 / divisor, is made in place in the
-    chunk's logits; the one-hot part of `softmax - onehot` is subtracted from the two gradients directly
-    (a row of the head for each target, and the hidden row added into the target's row of the weight
-    gradient), so no pass over the logits is spent on it. Backward only scales the gradients."""
+    softmax, so they add nothing to the loss, and their gradient rows are dropped.
+
+    The softmax, scaled by 1 / divisor, is made in place in the chunk's logits; the one-hot part of
+    `softmax - onehot` is subtracted from the two gradients directly (a row of the head for each target, and
+    the hidden row added into the target's row of the weight gradient), so no pass over the logits is spent
+    on it. Backward only scales the gradients."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, padded_rows: int, divisor, chunk_rows: int):
@@ -96,13 +98,13 @@ class LMHeadCrossEntropy(torch.autograd.Function):
         return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None, None
 
 
-def chunked_lm_head_loss(hidden, weight, labels=None, shift_labels=None, num_items_in_batch=None,
-                         pad_to_multiple_of=1, chunk_logits=CHUNK_LOGITS):  # fmt: skip
+def chunked_lm_head_loss(hidden, weight, labels=None, shift_labels=None, num_items_in_batch=None, padded_rows=None,
+                         chunk_logits=CHUNK_LOGITS):  # fmt: skip
     """The loss `causal_lm_loss` computes from `hidden @ weight.T`, without materializing the logits: chunks
-    of `chunk_logits // padded_rows` rows, the head padded to a multiple of `pad_to_multiple_of` rows."""
+    of `chunk_logits // padded_rows` rows, the head padded to `padded_rows` rows (default: its own)."""
     targets = next_token_targets(labels, shift_labels).to(hidden.device).flatten()
     hidden = hidden.flatten(0, 1)
     divisor = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
-    padded_rows = -(-weight.shape[0] // pad_to_multiple_of) * pad_to_multiple_of
+    padded_rows = padded_rows or weight.shape[0]
     chunk_rows = max(1, chunk_logits // padded_rows)
     return LMHeadCrossEntropy.apply(hidden, weight, targets, padded_rows, divisor, chunk_rows)

@@ -455,7 +455,7 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
             logits = self.lm_head(hidden_states[:, positions])
         elif training and type(self.lm_head) is nn.Linear:  # a wrapped head (PEFT, quantized) must be called
             loss = chunked_lm_head_loss(hidden_states, self.lm_head.weight, labels, shift_labels, num_items_in_batch,
-                                        self.config.pad_vocab_size_multiple)  # fmt: skip
+                                        self.config.padded_vocab_size)  # fmt: skip
         else:
             logits = self.lm_head(hidden_states)
             loss = causal_lm_loss(logits, labels, shift_labels, num_items_in_batch)

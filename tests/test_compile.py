@@ -58,7 +58,7 @@ def test_the_compiled_loss_over_several_chunks_has_eagers_gradients(autocast):
 
     def loss_and_grads(loss_fn):
         with torch.autocast("cpu", dtype=autocast or torch.float32, enabled=autocast is not None):
-            loss = loss_fn(hidden, weight, labels=labels, pad_to_multiple_of=64, chunk_logits=16 * 1024)
+            loss = loss_fn(hidden, weight, labels=labels, padded_rows=1024, chunk_logits=16 * 1024)
         return (loss, *torch.autograd.grad(loss, (hidden, weight)))
 
     torch._dynamo.reset()

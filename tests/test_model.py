@@ -99,7 +99,7 @@ def test_chunked_loss_equals_the_plain_loss_across_uneven_chunks():
     weight = torch.randn(100, 16, requires_grad=True)  # 100 tokens, padded to 128 columns inside the loss
     labels = torch.randint(0, 100, (3, 40))
     labels[2, :7] = -100
-    chunked = chunked_lm_head_loss(hidden, weight, labels, pad_to_multiple_of=64, chunk_logits=7 * 128)  # 7-row chunks: 120 = 17 x 7 + 1
+    chunked = chunked_lm_head_loss(hidden, weight, labels, padded_rows=128, chunk_logits=7 * 128)  # 7-row chunks: 120 = 17 x 7 + 1
     chunked.backward()
     grads = hidden.grad.clone(), weight.grad.clone()
     hidden.grad = weight.grad = None
@@ -352,7 +352,7 @@ def test_chunked_loss_under_bf16_autocast_runs_its_matmuls_in_bf16_with_the_plai
     for chunked in (True, False):
         with torch.autocast("cpu", dtype=torch.bfloat16), MatmulDtypes() as spy:
             if chunked:  # 16 rows a chunk: 6 chunks
-                loss = chunked_lm_head_loss(hidden, weight, labels=labels, pad_to_multiple_of=64, chunk_logits=16 * 1024)
+                loss = chunked_lm_head_loss(hidden, weight, labels=labels, padded_rows=1024, chunk_logits=16 * 1024)
             else:
                 logits = hidden @ weight.t()
                 loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
