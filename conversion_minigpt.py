@@ -73,9 +73,10 @@ def without_table_padding(state: dict, vocab_size: int) -> dict:
 
 def state_without_table_padding(folder: Path, files: list) -> dict | None:
     """The weights of a local folder saved with padded tables, cut to its vocabulary; None for any other folder."""
-    if not files or not (folder / "config.json").is_file():
+    try:
+        vocab_size = json.loads((folder / "config.json").read_text())["vocab_size"]
+    except (OSError, ValueError, KeyError, TypeError):  # no readable config: the library's loading says what is wrong
         return None
-    vocab_size = json.loads((folder / "config.json").read_text())["vocab_size"]
     for file in files:
         with safe_open(file, "pt") as weights:
             tables = [key for key in weights.keys() if key.endswith(TABLES)]
