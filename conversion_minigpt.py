@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 try:  # as Hub remote code (a package) ...
@@ -71,6 +71,11 @@ def without_table_padding(state: dict, vocab_size: int) -> dict:
     return state
 
 
+def cut_table_padding_on_load(module, state: dict, *_) -> None:
+    """A `load_state_dict` pre-hook of the model (torch's loading, as accelerate's checkpoints use)."""
+    without_table_padding(state, module.config.vocab_size)
+
+
 def state_without_table_padding(folder: Path, files: list) -> dict | None:
     """The weights of a local folder saved with padded tables, cut to its vocabulary; None for any other folder."""
     try:
@@ -84,3 +89,18 @@ def state_without_table_padding(folder: Path, files: list) -> dict | None:
                 state = {key: tensor for each in files for key, tensor in load_file(each).items()}
                 return without_table_padding(state, vocab_size)
     return None
+
+
+def unreadable_weights(files: list, source, error: SafetensorError) -> OSError:
+    """The error for weights that do not load, naming the file (safetensors says only "header too small")."""
+    named = ", ".join(str(f) for f in files if not _readable(f)) or f"a weights file of {source}"
+    return OSError(f"{named} is truncated or corrupt ({error}): save or download it again")
+
+
+def _readable(path) -> bool:
+    """Opening checks the header and that its tensors cover the file: what a truncated file fails."""
+    try:
+        with safe_open(path, "pt"):
+            return True
+    except SafetensorError:
+        return False

@@ -5,7 +5,7 @@ expects (config class, weight init, tied embeddings, KV cache, generation). Modu
 the OpenAI checkpoint (`wte`, `wpe`, `h`, `c_attn`, `c_proj`, `ln_f`), so its weights map one to one.
 
 This file is Hub "remote code": `save_pretrained` copies it next to the weights, with the modules it imports
-relatively (`configuration_minigpt`, `loss_minigpt`, `conversion_minigpt`); otherwise it imports only installed
+relatively (`configuration_minigpt`, `loss_minigpt`, `masking_minigpt`, `conversion_minigpt`); otherwise it imports only installed
 packages.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -30,7 +30,6 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers import initialization as init
-from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -38,12 +37,14 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 try:  # as Hub remote code (a package) ...
     from .configuration_minigpt import MiniGPTConfig
-    from .conversion_minigpt import from_gpt2, state_without_table_padding, without_table_padding
+    from .conversion_minigpt import cut_table_padding_on_load, from_gpt2, state_without_table_padding, unreadable_weights
     from .loss_minigpt import causal_lm_loss, chunked_lm_head_loss
+    from .masking_minigpt import check_context, library_mask, new_positions, own_mask
 except ImportError:  # ... or as top-level modules of this repository's scripts
     from configuration_minigpt import MiniGPTConfig
-    from conversion_minigpt import from_gpt2, state_without_table_padding, without_table_padding
+    from conversion_minigpt import cut_table_padding_on_load, from_gpt2, state_without_table_padding, unreadable_weights
     from loss_minigpt import causal_lm_loss, chunked_lm_head_loss
+    from masking_minigpt import check_context, library_mask, new_positions, own_mask
 
 
 class CausalSelfAttention(nn.Module):
@@ -158,7 +159,7 @@ class MiniGPTPreTrainedModel(PreTrainedModel):
         super().__init__(config, *args, **kwargs)
         # torch's load_state_dict (accelerate's checkpoints) of weights saved with padded tables; a module-level
         # function, not a lambda, so that the model still pickles
-        self.register_load_state_dict_pre_hook(_cut_table_padding)
+        self.register_load_state_dict_pre_hook(cut_table_padding_on_load)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -177,8 +178,7 @@ class MiniGPTPreTrainedModel(PreTrainedModel):
                 return model
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except SafetensorError as error:
-            named = ", ".join(str(f) for f in files if not _readable(f)) or f"a weights file of {pretrained_model_name_or_path}"
-            raise OSError(f"{named} is truncated or corrupt ({error}): save or download it again") from None
+            raise unreadable_weights(files, pretrained_model_name_or_path, error) from None
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -245,11 +245,11 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
         # all of its preallocated slots; a dynamic one counts in Python and hands over exactly past + T keys.
         past_length = cache.get_seq_length() if isinstance(cache, Cache) else 0
         if cache is None or isinstance(cache, Cache):
-            _check_context(cache, past_length, T, self.config.n_positions, position_ids)
+            check_context(cache, past_length, T, self.config.n_positions, position_ids)
         given_positions = position_ids  # restarting, they mark packed documents
         if position_ids is None:
             padding = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
-            position_ids = _position_ids(padding, past_length, T, inputs_embeds.device)
+            position_ids = new_positions(padding, past_length, T, inputs_embeds.device)
         masks = (attention_mask, cache, past_length, inputs_embeds, position_ids, given_positions)
         attend, attn_mask = self.attention(output_attentions, *masks)
 
@@ -267,35 +267,10 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
         if output_attentions and implementation == "sdpa":
             implementation = "eager"  # a fused kernel has no weights to return
         if implementation in OWN_ATTENTION:
-            return OWN_ATTENTION[implementation], self._own_mask(attention_mask, cache, past_length, inputs_embeds,
-                                                                 given_positions)  # fmt: skip
+            return OWN_ATTENTION[implementation], own_mask(self.config, attention_mask, cache, past_length, inputs_embeds,
+                                                               given_positions)  # fmt: skip
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention)
-        return attend, self._library_mask(attention_mask, cache, past_length, inputs_embeds, position_ids)
-
-    def _own_mask(self, attention_mask, cache, past_length, inputs_embeds, position_ids):
-        """The mask our own implementations take: None for plain causal attention (a full sequence, or one new token
-        that sees the whole dynamic cache), so that SDPA runs its causal kernel; else boolean, True attends."""
-        T = inputs_embeds.shape[1]
-        if attention_mask is not None and attention_mask.dim() == 4:  # prepared (generate with a static cache): as is
-            return attention_mask
-        if attention_mask is not None or (cache is not None and cache.is_compileable) or (T > 1 and past_length > 0):
-            key_length = cache.get_mask_sizes(T, 0)[0] if cache is not None else T
-            return _causal_mask(attention_mask, past_length, T, key_length, inputs_embeds.device)
-        if position_ids is not None and past_length == 0:
-            # Documents packed into a row (DataCollatorWithFlattening) restart their positions, and each attends
-            # only within itself: the library's mask utilities find the restarts (None where there are none).
-            return create_causal_mask(self.config, inputs_embeds, None, None, position_ids)
-        return None
-
-    def _library_mask(self, attention_mask, cache, past_length, inputs_embeds, position_ids):
-        """The mask in the form the library's implementation in use takes (a BlockMask for flex attention, none
-        for flash attention, ...), from the library's mask utilities."""
-        if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.dtype == torch.bool:
-            attention_mask = _additive(attention_mask, inputs_embeds.dtype)  # the library's functions add 4-D masks
-        if isinstance(cache, Cache) and not cache.is_compileable and past_length == 0:
-            cache = None  # an empty dynamic cache changes no mask; left out, it lets the library find packed documents
-        return create_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids)
-
+        return attend, library_mask(self.config, attention_mask, cache, past_length, inputs_embeds, position_ids)
 
 # --- What differs between transformers releases (5.17 to the newest) ---------------------------------------
 
@@ -329,43 +304,7 @@ def model_writes_paged_cache(cache_class) -> bool:
     return "kwargs" in inspect.signature(cache_class.update).parameters
 
 
-# --- Loading saved folders ---------------------------------------------------------------------------------
-
-
-def _cut_table_padding(module, state, *_):
-    without_table_padding(state, module.config.vocab_size)
-
-
-def _readable(path) -> bool:
-    """Opening checks the header and that its tensors cover the file: what a truncated file fails."""
-    try:
-        with safe_open(path, "pt"):
-            return True
-    except SafetensorError:
-        return False
-
-
 # --- Helpers of the forward pass ----------------------------------------------------------------------------
-
-
-def _check_context(cache, past_length, T, n_positions, position_ids=None):
-    """No position past the context, on every path: training, scoring, and each step of generation. A static
-    cache is checked by its slots, at the prompt, since it counts its tokens in a tensor (under compile). Positions
-    given with nothing cached are checked themselves: a row of packed documents (TRL's packing, padding-free
-    batches) restarts them at each document and may be longer than the context (not under compile: the check
-    reads a value)."""
-    if cache is not None and cache.is_compileable:
-        slots = cache.get_mask_sizes(T, 0)[0]
-        if slots > n_positions:
-            raise ValueError(f"a static KV cache of {slots} positions is longer than the model's context of "
-                             f"n_positions={n_positions}: ask for at most {n_positions} tokens, prompt included")  # fmt: skip
-    elif position_ids is not None and past_length == 0:
-        if not torch.compiler.is_compiling() and position_ids.numel() and (last := int(position_ids.max())) >= n_positions:
-            raise ValueError(f"position {last} of a sequence of {T} tokens is past the model's context of "
-                             f"n_positions={n_positions}")  # fmt: skip
-    elif past_length + T > n_positions:
-        raise ValueError(f"sequence of {past_length + T} tokens ({past_length} cached + {T} new) is longer than the "
-                         f"model's context of n_positions={n_positions}")  # fmt: skip
 
 
 def _check_token_ids(input_ids, vocab_size):
@@ -381,41 +320,6 @@ def _check_token_ids(input_ids, vocab_size):
 def _flag(value, default) -> bool:
     """A per-call output option, else the config's (transformers' convention)."""
     return default if value is None else value
-
-
-def _position_ids(attention_mask, past_length, T, device):
-    """Positions of the T new tokens. With padding they count only real tokens, so a left-padded prompt
-    gets the same positions as the prompt alone."""
-    new_tokens = torch.arange(T, device=device) + past_length  # (T,): past_length may be a tensor
-    if attention_mask is None:
-        return new_tokens.unsqueeze(0)  # (1, T)
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    return positions[:, new_tokens]  # (B, T)
-
-
-def _additive(allowed, dtype):
-    """A boolean mask (True attends) as the additive one the library's attention functions take."""
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
-
-
-def _causal_mask(attention_mask, past_length, T, key_length, device):
-    """Boolean (B or 1, 1, T, key_length) mask: query i (position past + i) sees keys up to its own
-    position, and with `attention_mask` only real ones. Slots of a preallocated cache beyond the newest
-    token lie in every query's future, so causality hides them too.
-
-    A left-padding query has no real key before it. Letting it see itself guarantees a finite softmax on
-    every SDPA backend (not all of them special-case all-masked rows); real tokens never attend to
-    padding, so their outputs do not change.
-    """
-    query_positions = (torch.arange(T, device=device) + past_length)[:, None]
-    key_positions = torch.arange(key_length, device=device)[None, :]
-    mask = key_positions <= query_positions  # (T, key_length)
-    if attention_mask is None:
-        return mask[None, None]
-    if attention_mask.shape[-1] != key_length:
-        raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} tokens; the keys are {key_length}")
-    is_real_key = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, key_length)
-    return (mask & is_real_key) | (key_positions == query_positions)
 
 
 class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):

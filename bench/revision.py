@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL_FILES = ("configuration_minigpt.py", "modeling_minigpt.py", "loss_minigpt.py", "conversion_minigpt.py")
+MODEL_FILES = ("configuration_minigpt.py", "modeling_minigpt.py", "loss_minigpt.py", "masking_minigpt.py", "conversion_minigpt.py")
 
 
 def model_at(revision: str):

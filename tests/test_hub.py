@@ -51,7 +51,7 @@ def test_saved_folder_is_safetensors_with_code_and_both_auto_classes(saved_model
     model, folder = saved_model
     files = sorted(os.listdir(folder))
     assert "model.safetensors" in files and not [f for f in files if f.endswith((".bin", ".pt"))]
-    assert {"configuration_minigpt.py", "modeling_minigpt.py", "loss_minigpt.py", "conversion_minigpt.py"} <= set(files)
+    assert {"configuration_minigpt.py", "modeling_minigpt.py", "loss_minigpt.py", "masking_minigpt.py", "conversion_minigpt.py"} <= set(files)
     auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
     assert auto_map == {
         "AutoConfig": "configuration_minigpt.MiniGPTConfig",

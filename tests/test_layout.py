@@ -8,7 +8,7 @@ import graphlib
 from conftest import REPO
 
 MODULES = {path.stem for path in REPO.glob("*.py")}
-REMOTE_CODE = {"configuration_minigpt", "modeling_minigpt", "loss_minigpt", "conversion_minigpt"}  # what save_pretrained copies
+REMOTE_CODE = {"configuration_minigpt", "modeling_minigpt", "loss_minigpt", "masking_minigpt", "conversion_minigpt"}  # what save_pretrained copies
 SCRIPTS = {"train_accelerate", "prepare_data", "eval_hellaswag", "export_gpt2"}
 
 
