@@ -21,12 +21,11 @@ import torch
 from accelerate.utils import broadcast_object_list, gather_object, load
 
 from atomic_writes import put_in_place, staging_dir, write_text_atomically
-from token_shards import tokenizer_dir
+from training_settings import SETTINGS_FILE, TrainingSettings
 
 LATEST = "latest"  # file naming the newest complete checkpoint
 KEPT = "kept.json"  # the checkpoints kept, oldest first
 STATE_FILE = "training_state.json"
-ARGS_FILE = "training_args.json"
 LOCK_FILE = ".lock"
 
 
@@ -85,10 +84,10 @@ def save_tied_head_once(models, weights, output_dir):
                 del state[head]
 
 
-def save_checkpoint(accelerator, config, args, step: int, data_state: dict) -> None:
+def save_checkpoint(accelerator, config, settings: TrainingSettings, step: int, data_state: dict) -> None:
     """`save_state` into `step_N.tmp`, our state beside it, renamed when complete; `latest` then names
     it, and only the last `--checkpoints_total_limit` are kept."""
-    root = checkpoint_root(args.output_dir)
+    root = checkpoint_root(settings.output_dir)
     final = root / f"step_{step}"
     temporary = staging_dir(final, clear=accelerator.is_main_process)
     accelerator.wait_for_everyone()
@@ -96,14 +95,14 @@ def save_checkpoint(accelerator, config, args, step: int, data_state: dict) -> N
     accelerator.wait_for_everyone()  # save_state returns on each process when its own files are written
     if accelerator.is_main_process:
         config.to_json_file(temporary / "config.json")
-        (temporary / ARGS_FILE).write_text(json.dumps(vars(args), default=str, indent=1))
+        (temporary / SETTINGS_FILE).write_text(settings.to_json())
         (temporary / STATE_FILE).write_text(json.dumps({"step": step, "data": data_state}))
         put_in_place(temporary, final)
         write_text_atomically(root / LATEST, final.name)
         kept = [name for name in read_kept(root) if name != final.name] + [final.name]
-        for old in kept[: -args.checkpoints_total_limit]:
+        for old in kept[: -settings.checkpoints_total_limit]:
             shutil.rmtree(root / old, ignore_errors=True)
-        write_text_atomically(root / KEPT, json.dumps(kept[-args.checkpoints_total_limit :]))
+        write_text_atomically(root / KEPT, json.dumps(kept[-settings.checkpoints_total_limit :]))
     accelerator.wait_for_everyone()
 
 
@@ -169,8 +168,8 @@ def cut_table_padding(optimizers) -> None:
 
 def check_same_model(checkpoint: Path, config, optimizer: str) -> None:
     """A checkpoint resumes only into the model shape and optimizer it was saved with."""
-    arguments = checkpoint / ARGS_FILE
-    saved_optimizer = json.loads(arguments.read_text()).get("optimizer", "adamw") if arguments.exists() else "adamw"
+    saved_settings = checkpoint / SETTINGS_FILE
+    saved_optimizer = TrainingSettings.load(saved_settings).optimizer if saved_settings.exists() else "adamw"
     if saved_optimizer != optimizer:
         raise ValueError(f"cannot resume {checkpoint}, trained with --optimizer {saved_optimizer}, with --optimizer {optimizer}")
     saved = type(config).from_json_file(checkpoint / "config.json")  # the defaults filled in, as at save
@@ -180,13 +179,3 @@ def check_same_model(checkpoint: Path, config, optimizer: str) -> None:
     if differing:
         raise ValueError(f"cannot resume {checkpoint} into a different model ({'; '.join(differing)})")
 
-
-def find_tokenizer(model_path: str, explicit: str | None) -> str:
-    """`--tokenizer`, else the model's own folder or Hub id, else (a training checkpoint) the tokenizer
-    of the data directory it was trained on."""
-    if explicit:
-        return explicit
-    args_file = Path(model_path) / ARGS_FILE
-    if not (Path(model_path) / "tokenizer.json").exists() and args_file.exists():
-        return str(tokenizer_dir(json.loads(args_file.read_text())["data_dir"]))
-    return model_path

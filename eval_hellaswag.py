@@ -33,7 +33,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import modeling_minigpt  # noqa: F401  registers MiniGPT with the Auto classes: training checkpoints hold no code
 from atomic_writes import write_text_atomically
-from checkpoints import find_tokenizer
+from token_shards import TokenData
+from training_settings import find_tokenizer
 from validation import (
     bits_per_byte,
     bits_per_byte_note,
@@ -332,7 +333,8 @@ def main(argv=None):
     if dtype is None:
         dtype = torch.bfloat16 if accelerator.device.type == "cuda" else torch.float32
     examples = load_examples(args.hellaswag, args.limit)
-    if args.data_dir and (note := bits_per_byte_note(args.data_dir)):
+    data = TokenData.of(args.data_dir) if args.data_dir else None  # its manifest read once
+    if data and (note := bits_per_byte_note(data)):
         accelerator.print(note)
     results = []
     for model_path in args.model:
@@ -340,17 +342,17 @@ def main(argv=None):
         context = context_length(model, tokenizer)
         seq_len = args.seq_len or context
         check_seq_len(seq_len, context, model_path)
-        if args.data_dir:
-            check_same_tokenizer(args.data_dir, tokenizer, model_path)
-            check_val_windows(args.data_dir, args.val_batch_size, seq_len, args.val_batches,
+        if data:
+            check_same_tokenizer(data, tokenizer, model_path)
+            check_val_windows(data, args.val_batch_size, seq_len, args.val_batches,
                               f"--val_batches {args.val_batches} x --val_batch_size {args.val_batch_size}")  # fmt: skip
         accelerator.print(f"{model_path}: {len(examples)} examples on {accelerator.num_processes} process(es), {dtype}")
         scores = evaluate_hellaswag(model, tokenizer, examples, accelerator, args.batch_size)
         result = {"model": model_path, "parameters": model.num_parameters(), "completion": scores["completion"],
                   "harness": scores["harness"], "val_loss": None, "val_bpb": None}  # fmt: skip
-        if args.data_dir:
-            result["val_loss"] = val_loss(model, args.data_dir, args.val_batch_size, seq_len, args.val_batches, accelerator)
-            result["val_bpb"] = bits_per_byte(result["val_loss"], args.data_dir)
+        if data:
+            result["val_loss"] = val_loss(model, data, args.val_batch_size, seq_len, args.val_batches, accelerator)
+            result["val_bpb"] = bits_per_byte(result["val_loss"], data)
         results.append(result)
         del model
     if accelerator.is_main_process:

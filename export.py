@@ -13,12 +13,12 @@ from transformers import AutoTokenizer, GenerationConfig, GPT2Config, GPT2LMHead
 from atomic_writes import put_in_place, staging_dir
 from conversion_minigpt import CONV1D_WEIGHTS, GPT2_CONFIG_FIELDS
 from modeling_minigpt import MiniGPTForCausalLM
-from token_shards import read_meta, tokenizer_dir
+from token_shards import TokenData
 
 COMPANION_FILES = ("loss.png",)  # copied into an exported folder as they are, when present
 
 
-def export_model(accelerator, model, args, summary: dict, destination: Path, base_model: str | None = None):
+def export_model(accelerator, model, settings, data: TokenData, summary: dict, destination: Path, base_model: str | None = None):
     """The run's model folder. Every process gives its part of the weights (under FSDP they are gathered
     from all of them); the main process alone writes the folder and renames it into place. No other process
     touches it: one that arrives late would find the staging folder already renamed away."""
@@ -34,35 +34,35 @@ def export_model(accelerator, model, args, summary: dict, destination: Path, bas
             for alias in plain._tied_weights_keys:
                 weights.pop(alias, None)
         plain.save_pretrained(temporary, state_dict=weights)
-        exported_tokenizer(args.data_dir, config).save_pretrained(temporary)
+        exported_tokenizer(data, config).save_pretrained(temporary)
         eot = config.eos_token_id
         GenerationConfig(bos_token_id=eot, eos_token_id=eot, pad_token_id=eot, do_sample=True, top_k=50,
                          max_new_tokens=64).save_pretrained(temporary)  # fmt: skip
-        model_card(args, summary, base_model).save(temporary / "README.md")
-        copy_companions(args.output_dir, temporary)
+        model_card(settings, data, summary, base_model).save(temporary / "README.md")
+        copy_companions(settings.output_dir, temporary)
         put_in_place(temporary, destination)
-        if args.export_gpt2:
+        if settings.export_gpt2:
             export_gpt2(destination, destination.with_name(destination.name + "-gpt2"))
-        if args.export_gguf:
+        if settings.export_gguf:
             from export_gguf import export_gguf  # gguf is imported only when asked for: the GPU images lack it
 
-            export_gguf(destination, destination.with_name(f"{destination.name}-{args.export_gguf}.gguf"), args.export_gguf)
+            export_gguf(destination, destination.with_name(f"{destination.name}-{settings.export_gguf}.gguf"), settings.export_gguf)
     accelerator.wait_for_everyone()
 
 
-def exported_tokenizer(data_dir, config):
+def exported_tokenizer(data: TokenData, config):
     """The data's tokenizer, set up for the model: truncation at its context, and a pad token (eot, as
     GPT-2 has none) on the left, where generation needs the padding."""
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(data_dir), model_max_length=config.n_positions,
+    tokenizer = AutoTokenizer.from_pretrained(data.tokenizer_dir, model_max_length=config.n_positions,
                                               padding_side="left")  # init arguments are what save_pretrained keeps
     tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def model_card(args, summary: dict, base_model: str | None) -> ModelCard:
+def model_card(settings, data: TokenData, summary: dict, base_model: str | None) -> ModelCard:
     """The card's metadata (license, pipeline tag, datasets, base model, and a model-index with the val
     loss and HellaSwag) through huggingface_hub, which the Hub parses; the body is the run's table."""
-    meta = read_meta(args.data_dir)
+    meta = data.meta
     source = meta["source"]
     hub_dataset = None if source == "builtin" or source.startswith("files:") else source
     results = [EvalResult(task_type="text-generation", dataset_type=hub_dataset or source, dataset_name=f"{source} (held-out split)",
@@ -79,18 +79,18 @@ def model_card(args, summary: dict, base_model: str | None) -> ModelCard:
             for metric in ("acc", "acc_norm"):
                 results.append(EvalResult(**hellaswag, metric_type=metric, metric_value=round(summary[f"{prefix}_{metric}"], 4),
                                           metric_name=f"{metric}, {convention} ({summary['hellaswag_examples']:,} examples)"))  # fmt: skip
-    data = ModelCardData(language="en", license=args.license, library_name="transformers", pipeline_tag="text-generation",
+    card_data = ModelCardData(language="en", license=settings.license, library_name="transformers", pipeline_tag="text-generation",
                          tags=["minigpt", "gpt2", "text-generation"], datasets=[hub_dataset] if hub_dataset else None,
-                         base_model=base_model, model_name=args.hub_model_id or "minigpt", eval_results=results)  # fmt: skip
+                         base_model=base_model, model_name=settings.hub_model_id or "minigpt", eval_results=results)  # fmt: skip
     lines = [
         "# MiniGPT", "",
         "GPT-2 architecture trained from scratch with minigpt's `train_accelerate.py`. Load with",
         "`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`.", "",
         "| | |", "| --- | --- |",
-        f"| model | {args.model}: {summary['parameters']:,} parameters |",
+        f"| model | {settings.model}: {summary['parameters']:,} parameters |",
         f"| data | {source} ({meta['tokens']['train']:,} train tokens, tokenizer {meta['tokenizer']}) |",
-        f"| recipe | {summary['steps']} steps x {summary['tokens_per_step']:,} tokens, peak lr {args.learning_rate}, "
-        f"warmup {args.num_warmup_steps}, cosine to {args.min_lr_ratio:g}x, {optimizer_text(args)}, wd {args.weight_decay} |",
+        f"| recipe | {summary['steps']} steps x {summary['tokens_per_step']:,} tokens, peak lr {settings.learning_rate}, "
+        f"warmup {settings.num_warmup_steps}, cosine to {settings.min_lr_ratio:g}x, {optimizer_text(settings)}, wd {settings.weight_decay} |",
         f"| tokens seen | {summary['tokens_seen']:,} |",
         f"| final train loss | {summary['train_loss']:.4f} |",
         f"| final val loss | {summary['val_loss']:.4f} |",
@@ -99,20 +99,20 @@ def model_card(args, summary: dict, base_model: str | None) -> ModelCard:
         lines.append(f"| final val bits per byte | {summary['val_bpb']:.4f} (comparable across tokenizers) |")
     if "hellaswag_acc_norm" in summary:
         lines += [
-            (f"| HellaSwag ({args.hellaswag}, {summary['hellaswag_examples']:,} examples), completion style | "
+            (f"| HellaSwag ({settings.hellaswag}, {summary['hellaswag_examples']:,} examples), completion style | "
              f"acc {summary['hellaswag_acc']:.4f}, acc_norm {summary['hellaswag_acc_norm']:.4f} |"),
             (f"| HellaSwag, lm-evaluation-harness style | "
              f"acc {summary['hellaswag_lm_eval_acc']:.4f}, acc_norm {summary['hellaswag_lm_eval_acc_norm']:.4f} |"),
         ]  # fmt: skip
     body = "\n".join(lines + ["", "![loss](loss.png)", ""])
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
 
 
-def optimizer_text(args) -> str:
-    if args.optimizer == "adamw":
+def optimizer_text(settings) -> str:
+    if settings.optimizer == "adamw":
         return "AdamW"
-    return (f"Muon for the blocks' matrices (peak lr {args.muon_learning_rate}, momentum {args.muon_momentum}, "
-            f"{args.muon_adjust_lr} lr adjustment) and AdamW for the rest")  # fmt: skip
+    return (f"Muon for the blocks' matrices (peak lr {settings.muon_peak_lr}, momentum {settings.muon_momentum}, "
+            f"{settings.muon_adjust_lr} lr adjustment) and AdamW for the rest")  # fmt: skip
 
 
 def push_to_hub(folder: Path, repo_id: str):

@@ -25,9 +25,9 @@ import torch
 from transformers import AutoTokenizer, GPT2LMHeadModel
 
 from atomic_writes import replace_atomically
-from checkpoints import find_tokenizer
 from modeling_minigpt import MiniGPTForCausalLM
 from tokenizing import is_gpt2_bpe
+from training_settings import find_tokenizer
 
 OUTTYPES = {  # the file's type, and what its matrices are stored as
     "f32": (gguf.LlamaFileType.ALL_F32, gguf.GGMLQuantizationType.F32),

@@ -231,39 +231,39 @@ def usable_bytes(free_bytes: float) -> float:
     return (1 - MARGIN) * free_bytes / ESTIMATE_ERROR
 
 
-def fit_micro_batch(args, config, seq_len, accelerator) -> int:
+def fit_micro_batch(settings, config, seq_len, windows_per_step, accelerator) -> int:
     """The micro-batch to train with. `auto`: the largest whose estimated peak (above) fits the device, and that
-    divides the windows of `--total_batch_size`. An explicit one whose estimate does not fit is refused,
-    naming the largest that does. Unchecked where the device's memory is unknown (CPU without
-    --device_memory_gib)."""
-    free = args.device_memory_gib * GiB if args.device_memory_gib else None
+    divides `windows_per_step` (each process's windows per optimizer step, from `--total_batch_size`; None
+    without one). An explicit one whose estimate does not fit is refused, naming the largest that does.
+    Unchecked where the device's memory is unknown (CPU without --device_memory_gib)."""
+    requested = settings.per_device_train_batch_size
+    free = settings.device_memory_gib * GiB if settings.device_memory_gib else None
     if free is None and accelerator.device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(accelerator.device)
     if free is None:
-        if args.per_device_train_batch_size == "auto":
+        if requested == "auto":
             raise ValueError("--per_device_train_batch_size auto needs the device's memory: on CPU pass --device_memory_gib")
-        return args.per_device_train_batch_size
+        return requested
     budget = usable_bytes(free)
     world = accelerator.num_processes
     strategy = {DistributedType.FSDP: "fsdp", DistributedType.NO: "single"}.get(accelerator.distributed_type, "ddp")
     autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
-    estimate = Estimates(config, seq_len, args.compile, strategy, world, autocast, accelerator.is_local_main_process)
+    compiled = settings.compile
+    estimate = Estimates(config, seq_len, compiled, strategy, world, autocast, accelerator.is_local_main_process)
     where = (f"{free / GiB:.1f} GiB free, less {MARGIN:.0%}, for {ESTIMATE_ERROR:.2f}x the estimate; {strategy} over "
-             f"{world}, {'compiled' if args.compile else 'eager'}")  # fmt: skip
-    windows = None
-    if args.total_batch_size is not None and args.total_batch_size % (seq_len * world) == 0:
-        windows = args.total_batch_size // (seq_len * world)  # per process per optimizer step
+             f"{world}, {'compiled' if compiled else 'eager'}")  # fmt: skip
 
     def largest():
-        return largest_divisor_that_fits(estimate, budget, windows) if windows else largest_that_fits(estimate, budget)
+        if windows_per_step:
+            return largest_divisor_that_fits(estimate, budget, windows_per_step)
+        return largest_that_fits(estimate, budget)
 
-    if args.per_device_train_batch_size != "auto":
-        peak = estimate(args.per_device_train_batch_size)
+    if requested != "auto":
+        peak = estimate(requested)
         if peak > budget:
-            raise ValueError(f"--per_device_train_batch_size {args.per_device_train_batch_size} needs an estimated "
-                             f"{peak / GiB:.1f} GiB a device, more than fits ({where}): the largest that fits is "
-                             f"{largest()} (or pass auto)")  # fmt: skip
-        return args.per_device_train_batch_size
+            raise ValueError(f"--per_device_train_batch_size {requested} needs an estimated {peak / GiB:.1f} GiB a "
+                             f"device, more than fits ({where}): the largest that fits is {largest()} (or pass auto)")  # fmt: skip
+        return requested
     batch = largest()
     if batch == 0:
         raise ValueError(f"not even one window of {seq_len} tokens fits ({where}; it needs an estimated "

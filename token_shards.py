@@ -87,6 +87,32 @@ def tokenizer_dir(data_dir) -> Path:
     return Path(data_dir) / TOKENIZER_DIR
 
 
+@dataclass(frozen=True)
+class TokenData:
+    """A prepared data directory with its manifest read once: what training, evaluation and export know of the
+    data (vocabulary, tokenizer, token and byte counts)."""
+
+    dir: Path
+    meta: dict
+
+    @classmethod
+    def of(cls, data) -> "TokenData":
+        """`data` itself, or the directory it names, its manifest read and checked."""
+        return data if isinstance(data, TokenData) else cls(Path(data), read_meta(data))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.meta["vocab_size"]
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.meta["eot_token_id"]
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return tokenizer_dir(self.dir)
+
+
 def read_meta(data_dir: Path) -> dict:
     data_dir = Path(data_dir)
     path = data_dir / META_FILE
@@ -135,7 +161,7 @@ class ShardedTokens:
     windows consumed, so a checkpoint resumes exactly, even on a different number of ranks.
     """
 
-    data_dir: Path
+    data: TokenData | Path  # a directory is read into its TokenData
     split: str  # "train" or "val"
     batch_size: int  # per rank
     seq_len: int
@@ -145,12 +171,13 @@ class ShardedTokens:
     shuffle: bool = True
 
     def __post_init__(self):
-        meta = read_meta(self.data_dir)
+        self.data = TokenData.of(self.data)
+        self.data_dir, meta = self.data.dir, self.data.meta
         self.vocab_size, self.eot_token_id = meta["vocab_size"], meta["eot_token_id"]
         shards = [s for s in meta["shards"] if s["split"] == self.split]
         if not shards:
             raise ShardError(f"{self.data_dir} has no {self.split} shard")
-        self.shards = [open_shard(Path(self.data_dir) / s["file"], s["tokens"]) for s in shards]
+        self.shards = [open_shard(self.data_dir / s["file"], s["tokens"]) for s in shards]
         self.windows_per_shard = [(len(tokens) - 1) // self.seq_len for tokens in self.shards]
         if sum(self.windows_per_shard) < self.batch_size * self.world_size:
             raise ShardError(

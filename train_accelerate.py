@@ -12,7 +12,7 @@ linear warmup then cosine to 10% of the peak, as GPT-3. Checkpoints hold model, 
 process's RNG, the step and the data position, so a resumed run continues exactly.
 """
 
-import argparse
+import dataclasses
 import math
 import statistics
 import sys
@@ -36,7 +36,8 @@ from memory_estimate import fit_micro_batch
 from metrics import MetricsLog, device_peak_flops, log_line, machine, model_flops_per_token, plot_losses
 from modeling_minigpt import MiniGPTForCausalLM
 from optimization import configure_optimizers, lr_factor, set_lr, short_schedule_warning
-from token_shards import ShardedTokens, read_meta, tokenizer_dir, verify_shards
+from token_shards import ShardedTokens, TokenData, verify_shards
+from training_settings import TrainingSettings
 from validation import (
     bits_per_byte,
     bits_per_byte_note,
@@ -52,122 +53,23 @@ OPENAI_GPT2 = {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"}  # `--model` name
 DDP = DistributedDataParallelKwargs(gradient_as_bucket_view=True, bucket_cap_mb=100)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data_dir", default="data/builtin", help="output of prepare_data.py")
-    p.add_argument("--model", default="small",
-                   help=f"a preset ({', '.join(PRESETS)}), a config/checkpoint path, or gpt2[-medium|-large|-xl] "
-                        "(OpenAI's weights; a local GPT-2 directory works too with --from_gpt2)")  # fmt: skip
-    p.add_argument("--from_gpt2", action="store_true", help="--model is a GPT2LMHeadModel directory or Hub id")
-    p.add_argument("--pad_vocab_size_multiple", type=int, default=64, help="for new models: 50257 -> 50304")
-    p.add_argument("--output_dir", default="runs/minigpt")
-    p.add_argument("--seq_len", type=int, default=None, help="tokens per window (default: the model's context)")
-    p.add_argument("--per_device_train_batch_size", type=micro_batch, default=16,
-                   help="windows per process per micro-step, or auto: the largest whose estimated peak memory fits "
-                        "the device (memory_estimate.py), the accumulation then derived from --total_batch_size")  # fmt: skip
-    p.add_argument("--device_memory_gib", type=float, default=None,
-                   help="memory the micro-batch must fit, per device (default: the GPU's free memory; on CPU "
-                        "nothing is checked unless this is given)")  # fmt: skip
-    p.add_argument("--total_batch_size", type=int, default=None,
-                   help="tokens per optimizer step (524288 for the 124M recipe); sets the accumulation")  # fmt: skip
-    p.add_argument("--gradient_accumulation_steps", type=int, default=1, help="used when no --total_batch_size")
-    p.add_argument("--learning_rate", type=float, default=1e-3, help="peak (6e-4 for the 124M recipe)")
-    p.add_argument("--min_lr_ratio", type=float, default=0.1, help="cosine floor, as a fraction of the peak")
-    p.add_argument("--weight_decay", type=float, default=0.1, help="decoupled, on 2-D weights (both optimizers)")
-    p.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",
-                   help="muon: torch.optim.Muon for the blocks' matrices (c_attn, c_proj, c_fc), AdamW for the rest")
-    p.add_argument("--muon_learning_rate", type=float, default=None,
-                   help="Muon's peak lr (default: --learning_rate, which the match_rms_adamw adjustment carries over)")
-    p.add_argument("--muon_momentum", type=float, default=0.95)
-    p.add_argument("--muon_adjust_lr", choices=["match_rms_adamw", "original"], default="match_rms_adamw",
-                   help="torch's per-shape lr scaling: 0.2 sqrt(max(A, B)) gives Muon's updates AdamW's RMS "
-                        "(Moonshot); original: sqrt(max(1, A/B)) (Keller Jordan's, lr ~0.02)")  # fmt: skip
-    p.add_argument("--max_grad_norm", type=float, default=1.0)
-    p.add_argument("--num_warmup_steps", type=int, default=15)
-    p.add_argument("--max_train_steps", type=int, default=150)
-    p.add_argument("--eval_steps", type=int, default=50, help="val loss and samples every N steps (0: only at the end)")
-    p.add_argument("--eval_iters", type=int, default=10,
-                   help="val batches per evaluation, shared by the processes (the val split must hold them)")  # fmt: skip
-    p.add_argument("--hellaswag", default=None,
-                   help="HellaSwag at every evaluation: Rowan/hellaswag or a local jsonl (default: none; offline)")  # fmt: skip
-    p.add_argument("--hellaswag_limit", type=int, default=None, help="only the first N HellaSwag examples")
-    p.add_argument("--sample_prompt", default="The", help="prompt for the generated samples")
-    p.add_argument("--checkpointing_steps", type=int, default=50, help="0: no checkpoints")
-    p.add_argument("--checkpoints_total_limit", type=int, default=2, help="keep the last K checkpoints")
-    p.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint directory, or 'latest'")
-    p.add_argument("--with_tracking", action="store_true")
-    p.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, all, ... (with --with_tracking)")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
-    p.add_argument("--export_gpt2", action="store_true",
-                   help="also write output_dir/final-gpt2: a native GPT2LMHeadModel folder (no remote code)")  # fmt: skip
-    p.add_argument("--export_gguf", default=None, choices=["f32", "f16", "bf16", "q8_0"],
-                   help="also write output_dir/final-TYPE.gguf for llama.cpp, Ollama, LM Studio (export_gguf.py)")  # fmt: skip
-    p.add_argument("--license", default="mit", help="the license the model card declares")
-    p.add_argument("--push_to_hub", action="store_true")
-    p.add_argument("--hub_model_id", default=None)
-    args = p.parse_args(attach_negative_values(sys.argv[1:] if argv is None else argv))
-    positive = ["gradient_accumulation_steps", "max_train_steps", "eval_iters", "learning_rate", "max_grad_norm",
-                "checkpoints_total_limit"]  # fmt: skip
-    non_negative = ["num_warmup_steps", "eval_steps", "checkpointing_steps", "weight_decay"]
-    optional_positive = ["seq_len", "total_batch_size", "hellaswag_limit", "muon_learning_rate", "device_memory_gib"]
-    if args.per_device_train_batch_size != "auto":
-        positive.append("per_device_train_batch_size")
-    problems = [f"--{n} must be positive, got {getattr(args, n)}" for n in positive if not getattr(args, n) > 0]
-    problems += [f"--{n} must be >= 0, got {getattr(args, n)}" for n in non_negative if not getattr(args, n) >= 0]
-    problems += [f"--{n} must be positive, got {getattr(args, n)}" for n in optional_positive
-                 if getattr(args, n) is not None and getattr(args, n) <= 0]  # fmt: skip
-    if not 0 <= args.muon_momentum < 1:
-        problems.append(f"--muon_momentum must be in [0, 1), got {args.muon_momentum}")
-    if not 0 <= args.min_lr_ratio <= 1:
-        problems.append(f"--min_lr_ratio is a fraction of the peak in [0, 1], got {args.min_lr_ratio}")
-    if args.push_to_hub and not args.hub_model_id:
-        problems.append("--push_to_hub needs --hub_model_id")
-    if problems:
-        p.error("; ".join(problems))
-    args.output_dir = Path(args.output_dir)
-    args.muon_learning_rate = args.muon_learning_rate or args.learning_rate
-    return args
-
-
-def micro_batch(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a number of windows or auto, got {text!r}") from None
-
-
-def attach_negative_values(argv: list[str]) -> list[str]:
-    """argparse reads `--learning_rate -1e-3` as a flag followed by another flag (it recognises only plain
-    negative numbers such as -1 or -0.5); joined as `--learning_rate=-1e-3`, the value reaches validation."""
-    joined = []
-    for token in argv:
-        if joined and joined[-1].startswith("--") and "=" not in joined[-1] and token.startswith("-"):
-            try:
-                float(token)
-                joined[-1] = f"{joined[-1]}={token}"
-                continue
-            except ValueError:
-                pass
-        joined.append(token)
-    return joined
+def parse_args(argv=None) -> TrainingSettings:
+    return TrainingSettings.from_command_line(sys.argv[1:] if argv is None else argv, description=__doc__)
 
 
 # --- model and data --------------------------------------------------------------------------------
 
 
-def build_model(args, meta) -> MiniGPTForCausalLM:
+def build_model(settings: TrainingSettings, data: TokenData) -> MiniGPTForCausalLM:
     """The model `--model` names, checked against the data's tokenizer before any step."""
-    vocab, eot = meta["vocab_size"], meta["eot_token_id"]
-    source = Path(args.model)
-    if args.model in PRESETS:
-        config = MiniGPTConfig.from_preset(args.model, vocab_size=vocab, bos_token_id=eot, eos_token_id=eot,
-                                           pad_vocab_size_multiple=args.pad_vocab_size_multiple)  # fmt: skip
+    vocab, eot = data.vocab_size, data.eot_token_id
+    source = Path(settings.model)
+    if settings.model in PRESETS:
+        config = MiniGPTConfig.from_preset(settings.model, vocab_size=vocab, bos_token_id=eot, eos_token_id=eot,
+                                           pad_vocab_size_multiple=settings.pad_vocab_size_multiple)  # fmt: skip
         return MiniGPTForCausalLM(config)
-    if args.from_gpt2 or args.model in OPENAI_GPT2:
-        hub_id = f"openai-community/{args.model}" if args.model in OPENAI_GPT2 else args.model
+    if settings.from_gpt2 or settings.model in OPENAI_GPT2:
+        hub_id = f"openai-community/{settings.model}" if settings.model in OPENAI_GPT2 else settings.model
         model = MiniGPTForCausalLM.from_gpt2(hub_id)
     elif source.is_file():  # a config.json: a new model of that shape
         model = MiniGPTForCausalLM(MiniGPTConfig.from_json_file(source))
@@ -178,36 +80,58 @@ def build_model(args, meta) -> MiniGPTForCausalLM:
         else:
             model = MiniGPTForCausalLM(MiniGPTConfig.from_pretrained(source))
         if has_weights and (source / "tokenizer.json").exists():
-            check_same_tokenizer(args.data_dir, AutoTokenizer.from_pretrained(source), f"the model {source}")
+            check_same_tokenizer(data, AutoTokenizer.from_pretrained(source), f"the model {source}")
     else:
         if source.is_dir():
-            raise ValueError(f"--model {args.model} is a directory without config.json: not a saved model or checkpoint")
-        raise ValueError(f"--model {args.model!r} is not a preset ({', '.join(PRESETS)}), gpt2*, or a config/checkpoint path")
+            raise ValueError(f"--model {settings.model} is a directory without config.json: not a saved model or checkpoint")
+        raise ValueError(f"--model {settings.model!r} is not a preset ({', '.join(PRESETS)}), gpt2*, or a config/checkpoint path")
     if model.config.vocab_size != vocab:
         raise ValueError(
-            f"vocabulary mismatch: the model has vocab_size={model.config.vocab_size}, {args.data_dir} was "
+            f"vocabulary mismatch: the model has vocab_size={model.config.vocab_size}, {data.dir} was "
             f"tokenized with {vocab} tokens; prepare the data with the model's tokenizer"
         )
     return model
 
 
-def base_model(args) -> str | None:
+def base_model(settings: TrainingSettings) -> str | None:
     """The Hub id of the GPT-2 weights the run started from, for the model card (a local folder has none)."""
-    if args.model in OPENAI_GPT2:
-        return f"openai-community/{args.model}"
-    return args.model if args.from_gpt2 and not Path(args.model).exists() else None
+    if settings.model in OPENAI_GPT2:
+        return f"openai-community/{settings.model}"
+    return settings.model if settings.from_gpt2 and not Path(settings.model).exists() else None
 
 
-def accumulation_steps(args, world_size, seq_len) -> int:
-    if args.total_batch_size is None:
-        return args.gradient_accumulation_steps
-    tokens_per_micro_step = args.per_device_train_batch_size * seq_len * world_size
-    if args.total_batch_size % tokens_per_micro_step:
-        raise ValueError(
-            f"--total_batch_size {args.total_batch_size} is not a multiple of per_device_train_batch_size "
-            f"{args.per_device_train_batch_size} x seq_len {seq_len} x {world_size} processes = {tokens_per_micro_step}"
-        )
-    return args.total_batch_size // tokens_per_micro_step
+@dataclass(frozen=True)
+class BatchPlan:
+    """How an optimizer step takes its tokens: on each of `processes`, `accumulation` micro-batches of
+    `micro_batch` windows of `seq_len` tokens."""
+
+    micro_batch: int
+    accumulation: int
+    seq_len: int
+    processes: int
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.micro_batch * self.seq_len * self.processes * self.accumulation
+
+    def describe(self) -> str:
+        return (f"{self.tokens_per_step:,} tokens/step = {self.micro_batch} x {self.seq_len} x {self.processes} processes "
+                f"x {self.accumulation} accumulation")  # fmt: skip
+
+
+def plan_batches(settings: TrainingSettings, config, seq_len: int, accelerator) -> BatchPlan:
+    """The micro-batch (`auto` resolved to the largest that fits the device) and the accumulation that makes
+    `--total_batch_size` tokens a step (else `--gradient_accumulation_steps`)."""
+    processes, total = accelerator.num_processes, settings.total_batch_size
+    # each process's windows a step, when the total splits into whole windows on every process
+    windows = total // (seq_len * processes) if total is not None and total % (seq_len * processes) == 0 else None
+    micro_batch = fit_micro_batch(settings, config, seq_len, windows, accelerator)
+    if total is None:
+        return BatchPlan(micro_batch, settings.gradient_accumulation_steps, seq_len, processes)
+    if windows is None or windows % micro_batch:
+        raise ValueError(f"--total_batch_size {total} is not a multiple of per_device_train_batch_size {micro_batch} "
+                         f"x seq_len {seq_len} x {processes} processes = {micro_batch * seq_len * processes}")  # fmt: skip
+    return BatchPlan(micro_batch, windows // micro_batch, seq_len, processes)
 
 
 # --- the loop --------------------------------------------------------------------------------------
@@ -217,7 +141,9 @@ def accumulation_steps(args, world_size, seq_len) -> int:
 class Run:
     """What the loop works with, made by `setup`."""
 
-    args: argparse.Namespace
+    settings: TrainingSettings
+    data: TokenData
+    plan: BatchPlan
     accelerator: Accelerator
     model: torch.nn.Module  # prepared (DDP/FSDP-wrapped): evaluation, checkpoints and export use it
     train_model: torch.nn.Module  # the same, compiled under --compile
@@ -227,9 +153,7 @@ class Run:
     hellaswag: list | None
     metrics: MetricsLog | None  # on the main process only
     lock: object  # the output directory's lock, held for the run
-    seq_len: int
     start_step: int
-    tokens_per_step: int
     flops_per_step: float
     peak_flops: float | None
     attention: list | None  # SDPA's backends in order of preference, or None: its own order
@@ -239,63 +163,62 @@ class Run:
         return self.accelerator.unwrap_model(self.model)
 
 
-def setup(args) -> Run:
+def setup(settings: TrainingSettings) -> Run:
     """Every check runs before the first step and before anything is written; then the model, optimizers
     and data are prepared, and a checkpoint, when asked for, is loaded."""
-    accelerator = Accelerator(log_with=args.report_to if args.with_tracking else None, project_dir=args.output_dir,
-                              kwargs_handlers=[DDP])  # fmt: skip
-    set_seed(args.seed)
+    accelerator = Accelerator(log_with=settings.report_to if settings.with_tracking else None,
+                              project_dir=settings.output_dir, kwargs_handlers=[DDP])  # fmt: skip
+    set_seed(settings.seed)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    check_run_args(args, accelerator)
-    meta = read_meta(args.data_dir)
+    check_run_settings(settings, accelerator)
+    data = TokenData.of(settings.data_dir)
     # from_pretrained returns a model in eval mode: it would train without dropout, without the chunked loss,
     # and with a KV cache built at every step.
-    model = build_model(args, meta).train()
-    seq_len = args.seq_len or model.config.n_positions
+    model = build_model(settings, data).train()
+    seq_len = settings.seq_len or model.config.n_positions
     check_seq_len(seq_len, model.config.n_positions, "the model")
-    args.per_device_train_batch_size = fit_micro_batch(args, model.config, seq_len, accelerator)
-    accelerator.gradient_accumulation_steps = accumulation_steps(args, accelerator.num_processes, seq_len)
-    batches = ShardedTokens(args.data_dir, "train", args.per_device_train_batch_size, seq_len,
-                            accelerator.process_index, accelerator.num_processes, seed=args.seed)  # fmt: skip
-    check_val_windows(args.data_dir, args.per_device_train_batch_size, seq_len, args.eval_iters,
-                      f"--eval_iters {args.eval_iters} x batch {args.per_device_train_batch_size}")  # fmt: skip
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(args.data_dir))
-    if args.export_gguf:
-        check_gguf_export(tokenizer, tokenizer_dir(args.data_dir))
-    hellaswag = load_examples(args.hellaswag, args.hellaswag_limit) if args.hellaswag else None
-    candidates = checkpoint_candidates(args.resume_from_checkpoint, args.output_dir) if args.resume_from_checkpoint else []
+    plan = plan_batches(settings, model.config, seq_len, accelerator)
+    accelerator.gradient_accumulation_steps = plan.accumulation
+    batches = ShardedTokens(data, "train", plan.micro_batch, seq_len, accelerator.process_index,
+                            accelerator.num_processes, seed=settings.seed)  # fmt: skip
+    check_val_windows(data, plan.micro_batch, seq_len, settings.eval_iters,
+                      f"--eval_iters {settings.eval_iters} x batch {plan.micro_batch}")  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(data.tokenizer_dir)
+    if settings.export_gguf:
+        check_gguf_export(tokenizer, data.tokenizer_dir)
+    hellaswag = load_examples(settings.hellaswag, settings.hellaswag_limit) if settings.hellaswag else None
+    resuming = settings.resume_from_checkpoint
+    candidates = checkpoint_candidates(resuming, settings.output_dir) if resuming else []
     if candidates:
-        check_same_model(candidates[0], model.config, args.optimizer)
-    lock = lock_output_dir(args.output_dir) if accelerator.is_main_process else None
-    check_shared_filesystem(accelerator, args.output_dir)
-    verify_data(accelerator, args.data_dir, meta)
-    for note in (bits_per_byte_note(args.data_dir), short_schedule_warning(args)):
+        check_same_model(candidates[0], model.config, settings.optimizer)
+    lock = lock_output_dir(settings.output_dir) if accelerator.is_main_process else None
+    check_shared_filesystem(accelerator, settings.output_dir)
+    verify_data(accelerator, data)
+    for note in (bits_per_byte_note(data), short_schedule_warning(settings)):
         if note:
             accelerator.print(note)
 
     config = model.config
-    model, *optimizers = accelerator.prepare(model, *configure_optimizers(model, args, accelerator.device.type))
+    model, *optimizers = accelerator.prepare(model, *configure_optimizers(model, settings, accelerator.device.type))
     accelerator.register_save_state_pre_hook(save_tied_head_once)
-    start_step = resume(accelerator, candidates, optimizers, batches, args.max_train_steps) if candidates else 0
+    start_step = resume(accelerator, candidates, optimizers, batches, settings.max_train_steps) if candidates else 0
     attention = preferred_backends(accelerator.device)
-    tokens_per_step = (args.per_device_train_batch_size * seq_len * accelerator.num_processes
-                       * accelerator.gradient_accumulation_steps)  # fmt: skip
-    run_record = {"args": vars(args), "config": config.to_dict(), "machine": machine(), "start_step": start_step,
-                  "processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
-                  "accumulation": accelerator.gradient_accumulation_steps, "tokens_per_step": tokens_per_step}  # fmt: skip
-    metrics = MetricsLog(args.output_dir / "metrics.jsonl", start_step, run_record) if accelerator.is_main_process else None
-    if args.with_tracking:
-        accelerator.init_trackers("minigpt", config={k: str(v) for k, v in vars(args).items()})
+    run_record = {"args": dataclasses.asdict(settings), "config": config.to_dict(), "machine": machine(),
+                  "start_step": start_step, "processes": plan.processes, "mixed_precision": accelerator.mixed_precision,
+                  "micro_batch": plan.micro_batch, "accumulation": plan.accumulation,
+                  "tokens_per_step": plan.tokens_per_step}  # fmt: skip
+    metrics = MetricsLog(settings.output_dir / "metrics.jsonl", start_step, run_record) if accelerator.is_main_process else None
+    if settings.with_tracking:
+        accelerator.init_trackers("minigpt", config={k: str(v) for k, v in dataclasses.asdict(settings).items()})
     accelerator.print(
-        f"{accelerator.unwrap_model(model).num_parameters():,} parameters | {tokens_per_step:,} tokens/step = "
-        f"{args.per_device_train_batch_size} x {seq_len} x {accelerator.num_processes} processes x "
-        f"{accelerator.gradient_accumulation_steps} accumulation | {accelerator.device} {accelerator.mixed_precision} "
-        f"| torch {torch.__version__}{engaged(model, attention)}"
+        f"{accelerator.unwrap_model(model).num_parameters():,} parameters | {plan.describe()} | {accelerator.device} "
+        f"{accelerator.mixed_precision} | torch {torch.__version__}{engaged(model, attention)}"
     )
-    return Run(args=args, accelerator=accelerator, model=model, train_model=torch.compile(model) if args.compile else model,
-               optimizers=optimizers, batches=DeviceBatches(batches, accelerator.device), tokenizer=tokenizer,
-               hellaswag=hellaswag, metrics=metrics, lock=lock, seq_len=seq_len, start_step=start_step,
-               tokens_per_step=tokens_per_step, flops_per_step=model_flops_per_token(config, seq_len) * tokens_per_step,
+    return Run(settings=settings, data=data, plan=plan, accelerator=accelerator, model=model,
+               train_model=torch.compile(model) if settings.compile else model, optimizers=optimizers,
+               batches=DeviceBatches(batches, accelerator.device), tokenizer=tokenizer, hellaswag=hellaswag,
+               metrics=metrics, lock=lock, start_step=start_step,
+               flops_per_step=model_flops_per_token(config, seq_len) * plan.tokens_per_step,
                peak_flops=device_peak_flops(accelerator.device), attention=attention)  # fmt: skip
 
 
@@ -310,10 +233,10 @@ def engaged(model, attention) -> str:
     return "".join(f" | {part}" for part in parts)
 
 
-def check_run_args(args, accelerator):
-    if args.output_dir.exists() and not args.output_dir.is_dir():
-        raise ValueError(f"--output_dir {args.output_dir} is a file, not a directory")
-    if args.optimizer == "muon" and accelerator.distributed_type == DistributedType.FSDP:
+def check_run_settings(settings: TrainingSettings, accelerator):
+    if settings.output_dir.exists() and not settings.output_dir.is_dir():
+        raise ValueError(f"--output_dir {settings.output_dir} is a file, not a directory")
+    if settings.optimizer == "muon" and accelerator.distributed_type == DistributedType.FSDP:
         # torch's Muon itself works on FSDP2's DTensor shards (tested equal to DDP); accelerate does not save it.
         raise ValueError("--optimizer muon does not run under FSDP: accelerate saves one optimizer per FSDP model in "
                          "a checkpoint, and Muon is a second one; use DDP (a multi-GPU config without FSDP)")  # fmt: skip
@@ -331,12 +254,12 @@ def check_gguf_export(tokenizer, where):
     check_tokenizer(tokenizer, where)
 
 
-def verify_data(accelerator, data_dir, meta):
+def verify_data(accelerator, data: TokenData):
     """Every shard's checksum and token range, once per node: the shards are read by every process of a node."""
     if accelerator.is_local_main_process:
         started = time.perf_counter()
-        verify_shards(data_dir, meta, checksums=True)
-        print(f"verified {len(meta['shards'])} shards (sha256, token ids < {meta['vocab_size']}) in "
+        verify_shards(data.dir, data.meta, checksums=True)
+        print(f"verified {len(data.meta['shards'])} shards (sha256, token ids < {data.vocab_size}) in "
               f"{time.perf_counter() - started:.1f} s")  # fmt: skip
     accelerator.wait_for_everyone()
 
@@ -355,36 +278,28 @@ def resume(accelerator, candidates, optimizers, batches, max_train_steps) -> int
 
 def train(run: Run) -> tuple[dict, dict]:
     """The loop: an optimizer step, its log line and metrics row, evaluation and checkpoints on their
-    schedules. Returns the last step's row and the last evaluation.
-
-    Nothing in a step waits for the GPU: a step's loss and norm are read once the next step is queued, so its
-    line and row come one step late, and the GPU always has work. A step that is evaluated or checkpointed is
-    read at once: a non-finite loss must stop the run before either."""
-    args, accelerator = run.args, run.accelerator
-    row, evaluation, unread, rows = {}, {}, None, []
-    clock = time.perf_counter()  # when the last step was read, or the last pause (evaluation, checkpoint) ended
-    for step in range(run.start_step, args.max_train_steps):
-        set_lr(run.optimizers, lr_factor(step, args))
+    schedules. Returns the last step's row and the last evaluation. A step that is evaluated or
+    checkpointed is read at once (`StepLog`): a non-finite loss must stop the run before either."""
+    settings, accelerator = run.settings, run.accelerator
+    log, row, evaluation = StepLog(run), {}, {}
+    for step in range(run.start_step, settings.max_train_steps):
+        set_lr(run.optimizers, lr_factor(step, settings))
         with preferring(run.attention):
-            result = StepResult(step, *train_step(accelerator, run.train_model, run.optimizers, run.batches, args),
-                                lrs=[optimizer.param_groups[0]["lr"] for optimizer in run.optimizers])  # fmt: skip
-        if unread is not None:
-            row, clock = read_step(run, unread, clock)
-            record(run, row, rows)
-        unread = result
-        done, last = step + 1, step + 1 == args.max_train_steps
-        evaluate_now = last or (args.eval_steps and done % args.eval_steps == 0)
-        checkpoint_now = args.checkpointing_steps and (done % args.checkpointing_steps == 0 or last)
+            loss, grad_norm = train_step(accelerator, run.train_model, run.optimizers, run.batches, settings)
+        log.add(StepResult(step, loss, grad_norm, lrs=[optimizer.param_groups[0]["lr"] for optimizer in run.optimizers]))
+        done, last = step + 1, step + 1 == settings.max_train_steps
+        evaluate_now = last or (settings.eval_steps and done % settings.eval_steps == 0)
+        checkpoint_now = settings.checkpointing_steps and (done % settings.checkpointing_steps == 0 or last)
         if evaluate_now or checkpoint_now:
-            (row, _), unread = read_step(run, result, clock), None
+            row = log.read_now()
             if evaluate_now:
                 evaluation = evaluate(run, done)
                 row.update(evaluation)
-            record(run, row, rows)
+            log.record(row)
             if checkpoint_now:
-                save_checkpoint(accelerator, run.unwrapped.config, args, done, run.batches.state_dict())
-            clock = time.perf_counter()  # the pause is no step's time
-    accelerator.print(steady_state(rows))
+                save_checkpoint(accelerator, run.unwrapped.config, settings, done, run.batches.state_dict())
+            log.paused()
+    accelerator.print(log.steady_state())
     return row, evaluation
 
 
@@ -415,7 +330,7 @@ def to_device(window: torch.Tensor, device: torch.device) -> torch.Tensor:
     return window.to(device)
 
 
-def train_step(accelerator, model, optimizers, batches, args) -> tuple[torch.Tensor, torch.Tensor]:
+def train_step(accelerator, model, optimizers, batches, settings) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over the accumulated micro-batches, queued; returns (mean loss, grad norm) as
     tensors on the device, not yet read."""
     losses = []
@@ -425,7 +340,7 @@ def train_step(accelerator, model, optimizers, batches, args) -> tuple[torch.Ten
             loss = model(input_ids=window[:, :-1], shift_labels=window[:, 1:]).loss
             accelerator.backward(loss)  # divides by the accumulation steps itself
             if accelerator.sync_gradients:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
             for optimizer in optimizers:
                 optimizer.step()  # a no-op until the last micro-step
                 optimizer.zero_grad(set_to_none=True)
@@ -458,43 +373,66 @@ class StepResult:
         return loss, grad_norm
 
 
-def read_step(run: Run, result: StepResult, clock: float) -> tuple[dict, float]:
-    """The step's metrics row, printed as the log line. A non-finite loss or norm stops the run. Returns the
-    row and the step's finishing time."""
-    args = run.args
-    loss, grad_norm = result.read()
-    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-        raise ValueError(f"step {result.step}: loss {loss}, grad norm {grad_norm}: training diverged or the weights "
-                         "are corrupt; stopped without checkpointing this state")  # fmt: skip
-    seconds = result.finished - clock
-    row = {"step": result.step, "loss": loss, "lr": result.lrs[0], "grad_norm": grad_norm, "dt_ms": 1000 * seconds,
-           "tokens_per_s": run.tokens_per_step / seconds}  # fmt: skip
-    if len(result.lrs) > 1:
-        row["muon_lr"] = result.lrs[1]
-    if run.peak_flops:
-        row["mfu"] = run.flops_per_step / seconds / (run.peak_flops * run.accelerator.num_processes)
-    run.accelerator.print(log_line(row, args.max_train_steps))
-    return row, result.finished
+class StepLog:
+    """The steps' clock, their reading and their rows. Nothing in a step waits for the GPU: `add` reads the step
+    before (its loss and norm have arrived by the time the next one is queued), so a step's log line and row come
+    one step late and the GPU always has work; `read_now` reads the newest at once. A step's time runs from when
+    the one before finished (or the last pause ended: evaluation and checkpoints are no step's time) to when its
+    values arrived. A non-finite loss or norm stops the run."""
 
+    def __init__(self, run: Run):
+        self.run, self.rows, self.unread = run, [], None
+        self.clock = time.perf_counter()
 
-def record(run: Run, row: dict, rows: list[dict]):
-    """The row into metrics.jsonl and the trackers, and into this start's rows for the steady-state line."""
-    if run.accelerator.is_main_process:
-        run.metrics.write(row)
-    run.accelerator.log(row, step=row["step"])
-    rows.append(row)
+    def add(self, result: StepResult) -> None:
+        """Queue `result`, reading and recording the step before."""
+        if self.unread is not None:
+            self.record(self.read(self.unread))
+        self.unread = result
 
+    def read_now(self) -> dict:
+        """The newest step's row, read and printed, for the caller to complete and `record`."""
+        row, self.unread = self.read(self.unread), None
+        return row
 
-def steady_state(rows: list[dict]) -> str:
-    """The run's speed without its first step, which compiles (and warms the allocator and the optimizer)."""
-    if len(rows) < 2:
-        return f"steady state: not measured ({len(rows)} step)"
-    steady = rows[1:]
-    line = (f"steady state: {len(steady)} steps after the first | median dt {statistics.median(r['dt_ms'] for r in steady):.1f} ms "
-            f"| tok/s {statistics.median(r['tokens_per_s'] for r in steady):,.0f}")  # fmt: skip
-    if "mfu" in rows[0]:
-        line += f" | mfu {statistics.median(r['mfu'] for r in steady):.1%}"
-    return line + f" | the first step took {rows[0]['dt_ms'] / 1000:.1f} s"
+    def read(self, result: StepResult) -> dict:
+        run = self.run
+        loss, grad_norm = result.read()
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            raise ValueError(f"step {result.step}: loss {loss}, grad norm {grad_norm}: training diverged or the weights "
+                             "are corrupt; stopped without checkpointing this state")  # fmt: skip
+        seconds, self.clock = result.finished - self.clock, result.finished
+        row = {"step": result.step, "loss": loss, "lr": result.lrs[0], "grad_norm": grad_norm, "dt_ms": 1000 * seconds,
+               "tokens_per_s": run.plan.tokens_per_step / seconds}  # fmt: skip
+        if len(result.lrs) > 1:
+            row["muon_lr"] = result.lrs[1]
+        if run.peak_flops:
+            row["mfu"] = run.flops_per_step / seconds / (run.peak_flops * run.accelerator.num_processes)
+        run.accelerator.print(log_line(row, run.settings.max_train_steps))
+        return row
+
+    def record(self, row: dict) -> None:
+        """The row into metrics.jsonl and the trackers, and into this start's rows for the steady-state line."""
+        if self.run.accelerator.is_main_process:
+            self.run.metrics.write(row)
+        self.run.accelerator.log(row, step=row["step"])
+        self.rows.append(row)
+
+    def paused(self) -> None:
+        """A pause (evaluation, a checkpoint) just ended: the next step's time starts now."""
+        self.clock = time.perf_counter()
+
+    def steady_state(self) -> str:
+        """The run's speed without its first step, which compiles (and warms the allocator and the optimizer)."""
+        rows = self.rows
+        if len(rows) < 2:
+            return f"steady state: not measured ({len(rows)} step)"
+        steady = rows[1:]
+        line = (f"steady state: {len(steady)} steps after the first | median dt {statistics.median(r['dt_ms'] for r in steady):.1f} ms "
+                f"| tok/s {statistics.median(r['tokens_per_s'] for r in steady):,.0f}")  # fmt: skip
+        if "mfu" in rows[0]:
+            line += f" | mfu {statistics.median(r['mfu'] for r in steady):.1%}"
+        return line + f" | the first step took {rows[0]['dt_ms'] / 1000:.1f} s"
 
 
 def evaluate(run: Run, done: int) -> dict:
@@ -502,11 +440,11 @@ def evaluate(run: Run, done: int) -> dict:
     processes), with --hellaswag both HellaSwag conventions, and printed samples. They run the eager
     model without its DDP wrapper: processes do unequal work, and HellaSwag's varying shapes would
     recompile a compiled one."""
-    args, accelerator, eager = run.args, run.accelerator, run.unwrapped
+    settings, accelerator, eager = run.settings, run.accelerator, run.unwrapped
     with accelerator.autocast():
-        results = {"val_loss": val_loss(eager, args.data_dir, args.per_device_train_batch_size, run.seq_len,
-                                        args.eval_iters, accelerator)}  # fmt: skip
-        if (bpb := bits_per_byte(results["val_loss"], args.data_dir)) is not None:
+        results = {"val_loss": val_loss(eager, run.data, run.plan.micro_batch, run.plan.seq_len, settings.eval_iters,
+                                        accelerator)}  # fmt: skip
+        if (bpb := bits_per_byte(results["val_loss"], run.data)) is not None:
             results["val_bpb"] = bpb
         if run.hellaswag:
             scores = evaluate_hellaswag(eager, run.tokenizer, run.hellaswag, accelerator, show_progress=False)
@@ -514,7 +452,7 @@ def evaluate(run: Run, done: int) -> dict:
                 results.update({f"{prefix}_{name}": value for name, value in scores[convention].items()})
             results["hellaswag_examples"] = scores["examples"]
     # Every process generates (the same tokens: same seed): with sharded weights each forward is collective.
-    samples = generate_samples(eager, run.tokenizer, args.sample_prompt, args.seed)
+    samples = generate_samples(eager, run.tokenizer, settings.sample_prompt, settings.seed)
     scores = " | ".join(f"{name} {value:.4f}" for name, value in results.items() if isinstance(value, float))
     accelerator.print(f"step {done}: {scores}\n" + "\n".join(f"  > {s!r}" for s in samples))
     return results
@@ -538,18 +476,19 @@ def generate_samples(model, tokenizer, prompt, seed, n=2, max_new_tokens=40) -> 
 
 def finish(run: Run, last_row: dict, evaluation: dict):
     """The loss plot, the exported model folder (and native GPT-2 folder), the upload."""
-    args, accelerator = run.args, run.accelerator
+    settings, accelerator, tokens_per_step = run.settings, run.accelerator, run.plan.tokens_per_step
     parameters = run.unwrapped.num_parameters()
-    summary = {"steps": args.max_train_steps, "tokens_per_step": run.tokens_per_step, "parameters": parameters,
-               "tokens_seen": run.tokens_per_step * args.max_train_steps, "train_loss": last_row["loss"],
+    summary = {"steps": settings.max_train_steps, "tokens_per_step": tokens_per_step, "parameters": parameters,
+               "tokens_seen": tokens_per_step * settings.max_train_steps, "train_loss": last_row["loss"],
                **evaluation}  # fmt: skip
+    output_dir = settings.output_dir
     if accelerator.is_main_process:
-        title = f"MiniGPT {args.model} ({parameters / 1e6:.1f}M parameters), {summary['tokens_seen']:,} tokens"
-        plot_losses(args.output_dir / "metrics.jsonl", args.output_dir / "loss.png", title)
-    export_model(accelerator, run.model, args, summary, args.output_dir / "final", base_model(args))
-    accelerator.print(f"exported {args.output_dir / 'final'} (val loss {evaluation['val_loss']:.4f})")
-    if args.push_to_hub and accelerator.is_main_process:
-        push_to_hub(args.output_dir / "final", args.hub_model_id)
+        title = f"MiniGPT {settings.model} ({parameters / 1e6:.1f}M parameters), {summary['tokens_seen']:,} tokens"
+        plot_losses(output_dir / "metrics.jsonl", output_dir / "loss.png", title)
+    export_model(accelerator, run.model, settings, run.data, summary, output_dir / "final", base_model(settings))
+    accelerator.print(f"exported {output_dir / 'final'} (val loss {evaluation['val_loss']:.4f})")
+    if settings.push_to_hub and accelerator.is_main_process:
+        push_to_hub(output_dir / "final", settings.hub_model_id)
     accelerator.end_training()
 
 

@@ -1,12 +1,13 @@
 """The held-out split: its loss, and the checks that make that number mean something (a window the model
-can read, enough val windows, the model's own tokenizer). Shared by training and evaluation."""
+can read, enough val windows, the model's own tokenizer). Shared by training and evaluation. `data` is the
+prepared data: a TokenData (its manifest read once, as training holds it) or its directory."""
 
 import math
 
 import torch
 
 from loss_minigpt import causal_lm_loss
-from token_shards import ShardedTokens, ShardError, read_meta, tokenizer_sha256
+from token_shards import ShardedTokens, ShardError, TokenData, tokenizer_sha256
 
 # Logits one evaluation forward may return: 2^28 are 1 GiB in fp32, the dtype accelerate's mixed precision
 # converts a model's outputs to (a whole 64 x 1024 batch at GPT-2's vocabulary would be 12.3 GiB, twice
@@ -31,27 +32,29 @@ def check_seq_len(seq_len: int, context: int, model_name: str) -> None:
         raise ValueError(f"--seq_len {seq_len} exceeds {model_name}'s context of {context} tokens")
 
 
-def check_val_windows(data_dir, batch_size: int, seq_len: int, batches: int, asked: str) -> None:
+def check_val_windows(data, batch_size: int, seq_len: int, batches: int, asked: str) -> None:
     """The val split must hold `batches` batches of `batch_size` windows (`asked` names the arguments)."""
-    windows = sum(ShardedTokens(data_dir, "val", batch_size, seq_len, shuffle=False).windows_per_shard)
+    data = TokenData.of(data)
+    windows = sum(ShardedTokens(data, "val", batch_size, seq_len, shuffle=False).windows_per_shard)
     if batches * batch_size > windows:
-        raise ShardError(f"{asked} needs {batches * batch_size} val windows of {seq_len + 1} tokens; {data_dir} has "
+        raise ShardError(f"{asked} needs {batches * batch_size} val windows of {seq_len + 1} tokens; {data.dir} has "
                          f"{windows}: ask for fewer or prepare more (prepare_data.py --val_tokens)")  # fmt: skip
 
 
-def check_same_tokenizer(data_dir, tokenizer, model_name: str) -> None:
-    if tokenizer_sha256(tokenizer) != read_meta(data_dir)["tokenizer_sha256"]:
-        raise ShardError(f"{data_dir} was tokenized with another tokenizer than {model_name}'s: "
+def check_same_tokenizer(data, tokenizer, model_name: str) -> None:
+    data = TokenData.of(data)
+    if tokenizer_sha256(tokenizer) != data.meta["tokenizer_sha256"]:
+        raise ShardError(f"{data.dir} was tokenized with another tokenizer than {model_name}'s: "
                          "its loss would mean nothing")  # fmt: skip
 
 
 @torch.no_grad()
-def val_loss(model, data_dir, batch_size, seq_len, batches, accelerator=None) -> float:
+def val_loss(model, data, batch_size, seq_len, batches, accelerator=None) -> float:
     """Mean next-token loss over the first `batches` val batches of prepare_data.py shards: the same
     windows every time and whatever the process count (batch i is computed by process i % N). A batch goes
     through the model a few rows at a time, so that no forward returns more than EVAL_LOGITS logits."""
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    reader = ShardedTokens(data_dir, "val", batch_size, seq_len, 0, 1, shuffle=False)
+    reader = ShardedTokens(data, "val", batch_size, seq_len, 0, 1, shuffle=False)
     rows_per_forward = max(1, EVAL_LOGITS // (seq_len * model.config.vocab_size))
     device = device_of(model)
     was_training = model.training
@@ -73,19 +76,20 @@ def val_loss(model, data_dir, batch_size, seq_len, batches, accelerator=None) ->
     return losses.mean().item()
 
 
-def bits_per_byte(loss: float, data_dir) -> float | None:
+def bits_per_byte(loss: float, data) -> float | None:
     """Val loss (nats per token) as bits per byte of the text, which compares across tokenizers: an 8,192-token
     BPE and GPT-2's give different losses for the same text, and the same bits per byte. The split's tokens per
     byte were counted at preparation; None for data prepared before that (see `bits_per_byte_note`)."""
-    meta = read_meta(data_dir)
+    meta = TokenData.of(data).meta
     if not meta.get("val_bytes"):
         return None
     return loss / math.log(2) * meta["tokens"]["val"] / meta["val_bytes"]
 
 
-def bits_per_byte_note(data_dir) -> str | None:
+def bits_per_byte_note(data) -> str | None:
     """The one line for data prepared before the byte count, which prepare_data.py adds when run again."""
-    if "val_bytes" in read_meta(data_dir):
+    data = TokenData.of(data)
+    if "val_bytes" in data.meta:
         return None
-    return (f"note: {data_dir}/meta.json has no byte count of the val split (prepared by an older prepare_data.py), "
+    return (f"note: {data.dir}/meta.json has no byte count of the val split (prepared by an older prepare_data.py), "
             f"so val bits per byte is not reported; run prepare_data.py again with the same arguments to add it")

@@ -2,7 +2,6 @@
 order resume tries checkpoints in, the fallback past a damaged one, the refusals, and the run lock.
 (The subprocess runs in test_train.py and test_reliability.py kill and resume whole runs.)"""
 
-import argparse
 import json
 
 import pytest
@@ -13,6 +12,7 @@ from checkpoints import (KEPT, LATEST, check_same_model, checkpoint_candidates, 
                          save_checkpoint, save_tied_head_once)  # fmt: skip
 from configuration_minigpt import MiniGPTConfig
 from modeling_minigpt import MiniGPTForCausalLM
+from training_settings import TrainingSettings
 
 CONFIG = dict(n_layer=1, n_head=2, n_embd=16, n_positions=16, vocab_size=50, bos_token_id=49, eos_token_id=49)
 
@@ -24,7 +24,7 @@ def prepared(tmp_path, seed=0):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_save_state_pre_hook(save_tied_head_once)
-    args = argparse.Namespace(output_dir=tmp_path, checkpoints_total_limit=2, optimizer="adamw")
+    args = TrainingSettings(output_dir=tmp_path, checkpoints_total_limit=2)
     return accelerator, model, optimizer, args
 
 

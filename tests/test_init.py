@@ -1,7 +1,7 @@
 """GPT-2's initialisation for every way a model is made, measured against transformers' own
 GPT2LMHeadModel built from the same hyperparameters: a wrong scale for any group of tensors fails."""
 
-import argparse
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +11,8 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 import train_accelerate
 from configuration_minigpt import PRESETS, MiniGPTConfig
 from modeling_minigpt import MiniGPTForCausalLM
+from token_shards import TokenData
+from training_settings import TrainingSettings
 
 VOCAB = 1000
 SHAPE = dict(n_embd=128, n_head=4, n_positions=128, vocab_size=VOCAB, bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1)
@@ -46,8 +48,8 @@ def test_constructor_and_from_config_initialise_like_gpt2(n_layer):
 
 def test_train_accelerate_presets_initialise_like_gpt2():
     """`train_accelerate.py --model tiny` builds the model it trains through build_model."""
-    args = argparse.Namespace(model="tiny", from_gpt2=False, pad_vocab_size_multiple=1, data_dir="unused")
-    model = train_accelerate.build_model(args, {"vocab_size": VOCAB, "eot_token_id": VOCAB - 1})
+    settings = TrainingSettings(model="tiny", pad_vocab_size_multiple=1)
+    model = train_accelerate.build_model(settings, TokenData(Path("unused"), {"vocab_size": VOCAB, "eot_token_id": VOCAB - 1}))
     assert_init_like_gpt2(model, dict(PRESETS["tiny"], vocab_size=VOCAB, bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1))
 
 

@@ -1,7 +1,7 @@
 """The optimizers and the schedule (optimization.py): which parameters go where, the fused AdamW branch
 CUDA takes, and the lr at every step of a short schedule against values computed by hand."""
 
-import argparse
+import dataclasses
 
 import pytest
 import torch
@@ -10,6 +10,7 @@ from configuration_minigpt import MiniGPTConfig
 from modeling_minigpt import MiniGPTForCausalLM
 from optimization import configure_optimizers, lr_factor, set_lr, short_schedule_warning
 from train_accelerate import parse_args
+from training_settings import TrainingSettings
 
 
 def schedule(warmup, total, floor=0.1):
@@ -77,10 +78,10 @@ def test_the_cuda_optimizer_branch_fused_adamw_steps_like_the_default():
 
 
 def test_a_run_that_ends_inside_its_warmup_is_warned_with_what_its_schedule_does():
-    args = argparse.Namespace(num_warmup_steps=15, max_train_steps=6, learning_rate=6e-4, min_lr_ratio=0.1)
+    args = TrainingSettings(num_warmup_steps=15, max_train_steps=6, learning_rate=6e-4, min_lr_ratio=0.1)
     assert short_schedule_warning(args) == (
         "warning: --num_warmup_steps 15 is not below --max_train_steps 6: the learning rate only warms up, to 40% "
         "of its peak (0.00024 of 0.0006) at the last step, and never decays"
     )
     assert lr_factor(5, args) == 6 / 15  # what the line reports: the last step's factor
-    assert short_schedule_warning(argparse.Namespace(**{**vars(args), "max_train_steps": 16})) is None
+    assert short_schedule_warning(dataclasses.replace(args, max_train_steps=16)) is None
