@@ -6,6 +6,7 @@ and for the peers whose published speeds calibrate it.
     python bench/roofline.py --revision HEAD~2       # the model as it was at a commit, for before / after
     python bench/roofline.py --peer nanogpt --nanogpt PATH/model.py --attention flash --batch 16   # an anchor
     python bench/roofline.py --peer llmc --nanogpt PATH/model.py                                   # llm.c's stand-in
+    python bench/roofline.py --peer modded --nanogpt PATH/records/track_1_short/2024-10-18_PyTorch25/d4bfb25f-*.txt
 
 One eager training step runs on fake tensors (shapes and dtypes, no arithmetic) under a dispatch mode that
 records every aten operation with its operands. Each becomes work on the device:
@@ -19,7 +20,7 @@ records every aten operation with its operands. Each becomes work on the device:
   that read their results (reductions, or the elementwise result that must be stored), as inductor does;
   where it runs eagerly (a loss behind `torch.compiler.disable`), every operation is a kernel of its own;
 - the optimizer: fused AdamW reads parameter, gradient and both moments and writes three of them (28 bytes a
-  parameter), and clipping reads the gradients twice.
+  parameter), and clipping reads the gradients twice; modded-nanogpt's Muon, as ADAMW_BYTES's comment says.
 
 Operations inside the LM-head loss count as the "loss" group whatever their kind. The efficiencies are
 calibrated against the published steps in ANCHORS (where one anchor fixes one number, that number is a fit, not a
@@ -55,6 +56,8 @@ ANCHORS = [
      "AdamW: 90 ms a step (Karpathy's 'Let's reproduce GPT-2' chapters: 96 ms, 93 ms padded, 90 ms fused)"),
     ("llmc", "A100 SXM 80GB", 64, 230e3, "llm.c, 8x A100, ~60% MFU"),
     ("llmc", "H100 SXM", 64, 468e3, "llm.c, 8x H100: 524,288 tokens in ~140 ms (modded-nanogpt records, llm.c #481)"),
+    ("modded", "H100 SXM", 64, 524288 / 8 / 0.14182, "modded-nanogpt's 2024-10-18 record (PyTorch 2.5), 8x H100, "
+     "64 x 1024 a GPU, compiled, bf16 autocast, Muon: 141.82 ms a step over 5,100 steps"),
 ]  # fmt: skip
 # GEMMs with a 768-wide dimension (every GEMM of GPT-2 124M), by device, as calibrated against the anchors: on an
 # A100 0.75 reproduces both A100 anchors (build-nanogpt at 0.99, llm.c at 0.97); on Hopper these shapes sit near the
@@ -75,6 +78,16 @@ ROW_WISE = ("native_layer_norm", "native_layer_norm_backward")
 GEMMS = ("mm", "addmm", "bmm", "baddbmm")
 MAX_INLINED_SOURCES = 8
 INDEXED = ("gather", "index", "index_select", "embedding")  # read only the rows they select
+# The optimizer steps, outside the traced step. Fused AdamW reads parameter, gradient and both moments and writes
+# three of them (28 bytes a parameter); our clipping reads the gradients twice. modded-nanogpt's Muon (its
+# 2024-10-18 record) keeps the matrices of the blocks: each of 8 GPUs updates the momentum of an eighth of them
+# (read gradient and buffer, write buffer, Nesterov: 24 bytes a parameter) and orthogonalizes it with 5 bf16
+# Newton-Schulz iterations (three GEMMs of 2 m^2 n FLOPs for an m x n matrix, m <= n, and two elementwise kernels
+# each); then the bf16 updates of all of them are summed over the 8 GPUs (NCCL all-reduce at NVLINK_BUS_BYTES_S,
+# nccl-tests' bus bandwidth on 8x H100 SXM) and applied (read the update, read and write the parameter: 10 bytes).
+ADAMW_BYTES, CLIP_BYTES = 28, 8
+MUON_GPUS, MUON_STEPS, MUON_MOMENTUM_BYTES, MUON_APPLY_BYTES = 8, 5, 24, 10
+NVLINK_BUS_BYTES_S = 360e9
 
 
 @dataclass
@@ -194,6 +207,8 @@ def record_step(modeling, batch: int, seq_len: int, compiled: bool, peer: str = 
             setattr(module, name, value)
     recorder.compiled = compiled
     recorder.parameters = sum(p.numel() for p in model.parameters())
+    # Muon's matrices (modded-nanogpt's blocks), as (rows, columns)
+    recorder.muon = [tuple(p.shape) for p in model.transformer.h.parameters()] if peer == "modded" else []
     recorder.config = config
     return recorder
 
@@ -211,6 +226,12 @@ def peer_model(peer: str, modeling, config, nanogpt_path=None, nanogpt_vocab=503
         return gpt2, lambda m, w: m(input_ids=w[:, :-1], labels=w[:, :-1]).loss
     import importlib.util
 
+    if peer == "modded":  # the record's log opens with its training script: the model is what precedes `# int main`
+        code = Path(nanogpt_path).read_text().split("\n", 1)[1].split("# int main")[0]
+        record = {"__name__": "modded_nanogpt"}
+        exec(compile(code, str(nanogpt_path), "exec"), record)
+        gpt = record["GPT"](record["GPTConfig"]()).train()  # its defaults: 50,304, 12 layers, 6 heads of 128, 768
+        return gpt, lambda m, w: m(w[:, :-1].contiguous(), w[:, 1:].contiguous(), return_logits=False)[1]
     # "llmc" stands in for llm.c, which no tracer can follow: nanoGPT's graph in bf16 throughout (llm.c keeps
     # activations, the residual stream and gradients in bf16, fp32 master weights in its optimizer), compiled,
     # as its hand-fused kernels are.
@@ -289,9 +310,27 @@ def seconds(kernel: dict, name: str, attention: str) -> float:
     return max(compute, memory, KERNEL_FLOOR_S)
 
 
+def optimizer_seconds(recorder: Recorder, name: str) -> float:
+    """The optimizer step (see ADAMW_BYTES): fused AdamW with clipping for every parameter, or, for modded-nanogpt,
+    unclipped AdamW for the parameters outside the blocks and Muon for the blocks' matrices."""
+    device = DEVICES[name]
+    memory = device["bandwidth"] * HBM_EFFICIENCY
+    if not recorder.muon:
+        return recorder.parameters * (ADAMW_BYTES + CLIP_BYTES) / memory
+    matrices = sum(rows * columns for rows, columns in recorder.muon)
+    total = (recorder.parameters - matrices) * ADAMW_BYTES / memory
+    total += matrices * (MUON_MOMENTUM_BYTES / MUON_GPUS + MUON_APPLY_BYTES) / memory
+    gemm = device["flops"] * GEMM_EFFICIENCY[name]
+    for rows, columns in recorder.muon[::MUON_GPUS]:  # one GPU's share
+        m, n = min(rows, columns), max(rows, columns)
+        gemms = [2 * m * m * n] * 3
+        per_iteration = sum(max(f / gemm, KERNEL_FLOOR_S) for f in gemms) + 2 * max(2 * m * n * 2 / memory, KERNEL_FLOOR_S)
+        total += MUON_STEPS * per_iteration
+    return total + 2 * (MUON_GPUS - 1) / MUON_GPUS * matrices * 2 / NVLINK_BUS_BYTES_S
+
+
 def predict(recorder: Recorder, batch: int, seq_len: int, attention: str) -> dict:
     steps = kernels(recorder)
-    optimizer_bytes = recorder.parameters * (28 + 8)  # fused AdamW, and clipping's two reads of the fp32 gradients
     tokens = batch * seq_len
     model_flops = model_flops_per_token(recorder.config, seq_len) * tokens
     out = {}
@@ -299,7 +338,7 @@ def predict(recorder: Recorder, batch: int, seq_len: int, attention: str) -> dic
         groups = {"gemm": 0.0, "attention": 0.0, "elementwise": 0.0, "loss": 0.0}
         for kernel in steps:
             groups[kernel["group"]] += seconds(kernel, name, attention)
-        groups["optimizer"] = optimizer_bytes / (device["bandwidth"] * HBM_EFFICIENCY)
+        groups["optimizer"] = optimizer_seconds(recorder, name)
         total = sum(groups.values())
         out[name] = {"ms": {k: 1000 * v for k, v in groups.items()}, "step_ms": 1000 * total,
                      "share": {k: v / total for k, v in groups.items()}, "tokens_per_s": tokens / total,
@@ -319,13 +358,14 @@ def main(argv=None):
     p.add_argument("--eager", action="store_true", help="the eager step (default: torch.compile)")
     p.add_argument("--attention", choices=list(ATTENTION_EFFICIENCY), default="cudnn",
                    help="the SDPA backend training runs (cudnn: what the training script prefers on Hopper)")  # fmt: skip
-    p.add_argument("--peer", choices=["minigpt", "nanogpt", "gpt2", "llmc"], default="minigpt",
-                   help="whose step: ours, nanoGPT's model.py (needs --nanogpt), or transformers' GPT2LMHeadModel")  # fmt: skip
-    p.add_argument("--nanogpt", default=None, help="the path of nanoGPT's model.py (not shipped)")
+    p.add_argument("--peer", choices=["minigpt", "nanogpt", "gpt2", "llmc", "modded"], default="minigpt",
+                   help="whose step: ours, nanoGPT's model.py (needs --nanogpt), transformers' GPT2LMHeadModel, llm.c's "
+                        "stand-in, or modded-nanogpt's 2024-10-18 record (--nanogpt: the record's .txt log)")  # fmt: skip
+    p.add_argument("--nanogpt", default=None, help="the path of nanoGPT's model.py, or of modded-nanogpt's record (not shipped)")
     p.add_argument("--nanogpt_vocab", type=int, default=50304, help="nanoGPT's table: 50304 (padded) or 50257")
     p.add_argument("--output", default=None, help="default: bench/results/roofline-<date>.json")
     args = p.parse_args(argv)
-    if args.peer in ("nanogpt", "llmc") and not args.nanogpt:
+    if args.peer in ("nanogpt", "llmc", "modded") and not args.nanogpt:
         p.error(f"--peer {args.peer} needs --nanogpt PATH/model.py")
     torch.set_num_threads(1)
     if args.revision:
