@@ -254,6 +254,10 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
         attend, attn_mask = self.attention(output_attentions, *masks)
 
         x = self.drop(inputs_embeds + self.wpe(position_ids))
+        if torch.is_autocast_enabled(x.device.type):
+            # The residual stream in autocast's dtype, as llm.c keeps it (the weights stay fp32 for the optimizer):
+            # half the bytes of every add, norm and cast along it.
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         for block in self.h:
             x, _ = block(x, attend, attn_mask, cache, position_ids=position_ids, **kwargs)
         return BaseModelOutputWithPast(last_hidden_state=self.ln_f(x), **{CACHE_FIELD: cache if use_cache else None})

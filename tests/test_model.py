@@ -91,6 +91,21 @@ def test_training_under_bf16_autocast_matches_transformers():
         assert (mine - theirs).norm() <= 0.05 * theirs.norm(), name
 
 
+def test_under_autocast_the_residual_stream_is_bf16_and_the_weights_and_their_gradients_fp32():
+    """As llm.c trains: the residual stream (the embeddings' sum and every block's output) in autocast's dtype, half
+    the bytes of every add and norm along it, while the weights and their gradients stay fp32 for the optimizer.
+    Outside autocast everything stays fp32 (the test above holds the bf16 losses and gradients to GPT-2's)."""
+    torch.manual_seed(0)
+    model = MiniGPTForCausalLM(MiniGPTConfig(**TINY)).train()
+    x = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden_states = model.transformer(x, output_hidden_states=True).hidden_states
+        model(x, labels=x).loss.backward()
+    assert [h.dtype for h in hidden_states[:-1]] == [torch.bfloat16] * TINY["n_layer"]  # the last is after ln_f
+    assert {p.dtype for p in model.parameters()} == {p.grad.dtype for p in model.parameters()} == {torch.float32}
+    assert {h.dtype for h in model.transformer(x, output_hidden_states=True).hidden_states} == {torch.float32}
+
+
 def test_chunked_loss_equals_the_plain_loss_across_uneven_chunks():
     from loss_minigpt import causal_lm_loss, chunked_lm_head_loss
 
