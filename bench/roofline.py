@@ -8,8 +8,10 @@ and for the peers whose published speeds calibrate it.
     python bench/roofline.py --peer llmc --nanogpt PATH/model.py                                   # llm.c's stand-in
     python bench/roofline.py --peer modded --nanogpt PATH/records/track_1_short/2024-10-18_PyTorch25/d4bfb25f-*.txt
 
-One eager training step runs on fake tensors (shapes and dtypes, no arithmetic) under a dispatch mode that
-records every aten operation with its operands. Each becomes work on the device:
+One training step runs on fake tensors (shapes and dtypes, no arithmetic) under a dispatch mode that records
+every aten operation with its operands: compiled, the forward and backward graphs torch.compile hands inductor
+(aot_autograd's, split by its min-cut partitioner, which recomputes cheap elementwise results in backward rather
+than store them); eager, what autograd runs. Each operation becomes work on the device:
 
 - GEMMs (mm, addmm, bmm): 2 M N K FLOPs at GEMM_EFFICIENCY of the device's dense bf16 peak, times
   MISALIGNED_FACTOR when an operand's leading dimension is not a multiple of 8 (16 bytes of bf16: 50,257
@@ -17,8 +19,8 @@ records every aten operation with its operands. Each becomes work on the device:
 - attention (SDPA forward and backward): FlashAttention's causal FLOPs at ATTENTION_EFFICIENCY, by backend;
 - the rest, bytes: what a kernel reads and writes, at HBM_EFFICIENCY of the bandwidth, and at least
   KERNEL_FLOOR_S a kernel. Where the step is compiled, elementwise operations are inlined into the kernels
-  that read their results (reductions, or the elementwise result that must be stored), as inductor does;
-  where it runs eagerly (a loss behind `torch.compiler.disable`), every operation is a kernel of its own;
+  that read their results and neighbours fuse as inductor fuses them (`kernels`, `fuses`); where it runs
+  eagerly (a loss behind `torch.compiler.disable`), every operation is a kernel of its own;
 - the optimizer: fused AdamW reads parameter, gradient and both moments and writes three of them (28 bytes a
   parameter), and clipping reads the gradients twice; modded-nanogpt's Muon, as ADAMW_BYTES's comment says.
 
@@ -29,7 +31,7 @@ check); the device check (bench/gpu_check.sh, its `kernels` step) measures what 
 
 import argparse
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -60,11 +62,11 @@ ANCHORS = [
      "64 x 1024 a GPU, compiled, bf16 autocast, Muon: 141.82 ms a step over 5,100 steps"),
 ]  # fmt: skip
 # GEMMs with a 768-wide dimension (every GEMM of GPT-2 124M), by device, as calibrated against the anchors: on an
-# A100 0.75 reproduces both A100 anchors (build-nanogpt at 0.99, llm.c at 0.97); on Hopper these shapes sit near the
-# ridge (989 TFLOP/s over 3.35 TB/s is 295 FLOP/byte; a 65,536 x 768 x 768 GEMM does 383), and 0.52 is what
-# llm.c's H100 step needs with everything else as assumed: one anchor, so a fit, not a check. The device check
-# measures it (gpu_check: GEMMs at the step's shapes). A 8192^3 GEMM reads ~80% on an H200 (the device tool).
-GEMM_EFFICIENCY = {"A100 SXM 80GB": 0.75, "H100 SXM": 0.52, "H200 SXM": 0.52}
+# A100 0.75 reproduces both A100 anchors (build-nanogpt at 1.02, llm.c at 0.95); on Hopper these shapes sit near the
+# ridge (989 TFLOP/s over 3.35 TB/s is 295 FLOP/byte; a 65,536 x 768 x 768 GEMM does 383), and 0.55, fitted to
+# both H100 anchors at once, leaves llm.c at 1.02 and modded-nanogpt at 0.97. The device check measures it
+# (gpu_check: GEMMs at the step's shapes). A 8192^3 GEMM reads ~80% on an H200 (the device tool).
+GEMM_EFFICIENCY = {"A100 SXM 80GB": 0.75, "H100 SXM": 0.55, "H200 SXM": 0.55}
 # An operand whose leading dimension is not a multiple of 8 (50,257) keeps cuBLAS off its aligned kernels. Calibrated
 # on build-nanogpt's A100 step: padding the vocabulary took it from 96 to 93 ms, i.e. its three head GEMMs
 # (~16 ms aligned) ran at ~0.85 of the aligned efficiency (this model said 0.53 before: 16% slower, not 3%).
@@ -74,7 +76,7 @@ HBM_EFFICIENCY = 0.80
 KERNEL_FLOOR_S = 3e-6  # the smallest a kernel takes, launch gap included
 REDUCTIONS = ("amax", "amin", "max", "min", "sum", "mean", "var", "std", "logsumexp", "norm", "nll_loss",
               "linalg_vector_norm")  # fmt: skip
-ROW_WISE = ("native_layer_norm", "native_layer_norm_backward")
+ROW_WISE = ("native_layer_norm", "native_layer_norm_backward")  # eager; a compiled graph has them decomposed
 GEMMS = ("mm", "addmm", "bmm", "baddbmm")
 MAX_INLINED_SOURCES = 8
 INDEXED = ("gather", "index", "index_select", "embedding")  # read only the rows they select
@@ -101,6 +103,8 @@ class Op:
     kind: str = "pointwise"  # gemm, attention, reduction, indexed, pointwise, free
     flops: float = 0.0
     misaligned: bool = False
+    shape: tuple = ()  # a reduction's (elements read, results), an elementwise operation's (elements written,)
+    row_wise: bool = False  # a reduction over each row's last dimension (a norm's statistics, a softmax's sum)
 
 
 @dataclass
@@ -154,6 +158,11 @@ class Recorder(TorchDispatchMode):
             pass  # normalizes rows of n_embd: one pass, fused with what reads it (a persistent reduction)
         elif name in REDUCTIONS or max(t.numel() for t in outputs) < max((t.numel() for t in inputs), default=0) // 2:
             op.kind = "reduction"
+            source = max(inputs, key=torch.Tensor.numel)
+            op.shape = (source.numel(), max(t.numel() for t in outputs))
+            op.row_wise = source.dim() > 0 and op.shape[1] * source.shape[-1] == op.shape[0]
+        if op.kind == "pointwise":
+            op.shape = (max(t.numel() for t in outputs),)
         self.ops.append(op)
         return out
 
@@ -161,6 +170,9 @@ class Recorder(TorchDispatchMode):
 FREE = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "_local_scalar_dense", "lift_fresh",
         "detach", "alias")  # fmt: skip
 SCATTERS = ("index_add", "index_add_", "index_put", "index_put_", "scatter_add", "scatter_add_", "embedding_dense_backward")
+# The functional forms of an in-place update of part of a buffer (`x[rows] = y` in a traced graph): inductor writes
+# them into the buffer itself when nothing reads its old contents afterwards (its re-inplacing pass).
+FUNCTIONAL_UPDATES = ("slice_scatter", "select_scatter", "index_put", "scatter", "scatter_add")
 
 
 def nbytes(t):
@@ -172,9 +184,12 @@ def record_step(modeling, batch: int, seq_len: int, compiled: bool, peer: str = 
     """One training step of GPT-2 124M on fake tensors, its operations tagged trunk or loss: ours (`modeling`),
     or a peer whose published speed anchors the model: nanoGPT's `GPT` (build-nanogpt's: full logits at the
     vocabulary padded to 50,304, then `F.cross_entropy`) or transformers' `GPT2LMHeadModel` (sdpa, 50,257).
-    A peer's loss is not tagged: its head and cross-entropy count in the trunk's groups. (Ours runs the same
-    operations on every device; a revision before 2026-12-04 summed its weight gradient with a CUDA-only
-    fp32-output `addmm`, modelled here by the CPU form it took on these fake tensors.)"""
+    A peer's loss is not tagged: its head and cross-entropy count in the trunk's groups.
+
+    Compiled, the step is the two graphs torch.compile would hand inductor (`partitioned_step`); eager, it is
+    what autograd runs, recorded as it runs. (Ours runs the same operations on every device; a revision before
+    2026-12-04 summed its weight gradient with a CUDA-only fp32-output `addmm`, modelled here by the CPU form
+    it took on these fake tensors.)"""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     config = modeling.MiniGPTConfig.from_preset("124M", vocab_size=50257, pad_vocab_size_multiple=64)
@@ -182,29 +197,31 @@ def record_step(modeling, batch: int, seq_len: int, compiled: bool, peer: str = 
     recorder = Recorder(loss_eager=eager_loss)
     original = modeling.chunked_lm_head_loss
 
-    def tagged(*args, **kwargs):
+    def tagged(*args, **kwargs):  # eager: recorded as it runs; compiled: the graphs' nodes carry the tag
         recorder.region = "loss"
         try:
-            return original(*args, **kwargs)
+            with torch.fx.traceback.annotate({"region": "loss"}):
+                return original(*args, **kwargs)
         finally:
             recorder.region = "trunk"
 
-    patches = [(modeling, "chunked_lm_head_loss", tagged)]
-    saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
+    windows = torch.zeros(batch, seq_len + 1, dtype=torch.long)
+    modeling.chunked_lm_head_loss = tagged
     try:
-        for module, name, value in patches:
-            setattr(module, name, value)
-        with FakeTensorMode(allow_non_fake_inputs=True):
-            model, step_loss = peer_model(peer, modeling, config, nanogpt_path, nanogpt_vocab)
-            windows = torch.zeros(batch, seq_len + 1, dtype=torch.long)
-            with recorder:
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=peer != "llmc"):
-                    loss = step_loss(model, windows)
-                recorder.backward = True
-                loss.backward()
+        if compiled:  # real weights (a second or two on the CPU): the partitioner only traces them
+            model, step_loss = peer_model(peer, modeling, config, seq_len, nanogpt_path, nanogpt_vocab)
+            forward, backward = partitioned_step(model, step_loss, windows, autocast=peer != "llmc")
+            run_graphs(recorder, forward, backward)
+        else:
+            with FakeTensorMode(allow_non_fake_inputs=True):
+                model, step_loss = peer_model(peer, modeling, config, seq_len, nanogpt_path, nanogpt_vocab)
+                with recorder:
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=peer != "llmc"):
+                        loss = step_loss(model, windows)
+                    recorder.backward = True
+                    loss.backward()
     finally:
-        for module, name, value in saved:
-            setattr(module, name, value)
+        modeling.chunked_lm_head_loss = original
     recorder.compiled = compiled
     recorder.parameters = sum(p.numel() for p in model.parameters())
     # Muon's matrices (modded-nanogpt's blocks), as (rows, columns)
@@ -213,7 +230,77 @@ def record_step(modeling, batch: int, seq_len: int, compiled: bool, peer: str = 
     return recorder
 
 
-def peer_model(peer: str, modeling, config, nanogpt_path=None, nanogpt_vocab=50304):
+class _Partitioned(Exception):
+    """Raised once the graphs exist: nothing is compiled or run."""
+
+
+def partitioned_step(model, step_loss, windows, autocast: bool):
+    """The forward and backward graphs torch.compile hands inductor for one training step: aot_autograd's joint
+    graph in inductor's decompositions, split by the min-cut partitioner, which saves for backward what is
+    cheapest to keep and recomputes cheap elementwise results (a softmax from its logits, a norm from its
+    input) instead of storing them. The decisions do not depend on the device."""
+    from torch._functorch.aot_autograd import aot_function
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    from torch._inductor.decomposition import select_decomp_table
+
+    graphs = []
+
+    def partition(joint, joint_inputs, **kwargs):
+        graphs.extend(min_cut_rematerialization_partition(joint, joint_inputs, compiler="inductor", **kwargs))
+        raise _Partitioned
+
+    class Step(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, windows):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                return step_loss(self.model, windows)
+
+    step = Step()
+    for module in step.modules():  # a tensor kept as a plain attribute (a rotary table) becomes an input, as a buffer
+        for name, value in list(vars(module).items()):
+            if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+                delattr(module, name)
+                module.register_buffer(name, value, persistent=False)
+    state = {**dict(step.named_parameters()), **dict(step.named_buffers())}
+    traced = aot_function(lambda state, w: torch.func.functional_call(step, state, (w,)), fw_compiler=None,
+                          partition_fn=partition, decompositions=select_decomp_table())  # fmt: skip
+    try:
+        with torch.fx.traceback.preserve_node_meta():
+            traced(state, windows)
+    except _Partitioned:
+        return graphs
+    raise RuntimeError("aot_autograd made no backward graph")
+
+
+def run_graphs(recorder: Recorder, forward, backward):
+    """Runs the partitioned graphs on their own fake tensors under the recorder: the forward's saved results are
+    the backward's inputs (the same names), the incoming gradient a fake tensor of ones."""
+
+    class Tagged(torch.fx.Interpreter):
+        def run_node(self, node):
+            recorder.region = node.meta.get("custom", {}).get("region", "trunk")
+            return super().run_node(node)
+
+    def inputs(graph):
+        return [node for node in graph.graph.nodes if node.op == "placeholder"]
+
+    fake_mode = inputs(forward)[0].meta["val"].fake_mode
+    with fake_mode:
+        values = [n.meta["val"] for n in inputs(forward)]
+        with recorder:
+            results = Tagged(forward).run(*values)
+        outputs = dict(zip([getattr(n, "name", None) for n in forward.graph.output_node().args[0]], results))
+        gradients = [outputs[n.name] if n.name in outputs else torch.ones_like(n.meta["val"]) for n in inputs(backward)]
+        recorder.backward = True
+        with recorder:
+            Tagged(backward).run(*gradients)
+    recorder.region = "trunk"
+
+
+def peer_model(peer: str, modeling, config, seq_len: int, nanogpt_path=None, nanogpt_vocab=50304):
     """The model in train mode, and its loss on (B, T + 1) windows."""
     if peer == "minigpt":
         model = modeling.MiniGPTForCausalLM(config).train()
@@ -231,6 +318,8 @@ def peer_model(peer: str, modeling, config, nanogpt_path=None, nanogpt_vocab=503
         record = {"__name__": "modded_nanogpt"}
         exec(compile(code, str(nanogpt_path), "exec"), record)
         gpt = record["GPT"](record["GPTConfig"]()).train()  # its defaults: 50,304, 12 layers, 6 heads of 128, 768
+        for rotary in (m for m in gpt.modules() if isinstance(m, record["Rotary"])):
+            rotary(torch.empty(1, seq_len))  # its tables are made on first use: here, or a trace would keep its own
         return gpt, lambda m, w: m(w[:, :-1].contiguous(), w[:, 1:].contiguous(), return_logits=False)[1]
     # "llmc" stands in for llm.c, which no tracer can follow: nanoGPT's graph in bf16 throughout (llm.c keeps
     # activations, the residual stream and gradients in bf16, fp32 master weights in its optimizer), compiled,
@@ -253,10 +342,8 @@ def kernels(recorder: Recorder) -> list[dict]:
     kernels of their own; eager operations too. A compiled elementwise operation is inlined into whatever
     reads its result (the compiler's default) unless that result must exist in memory: read by a GEMM,
     attention or an eager operation, kept for the backward pass, read by nothing in the step (a gradient, a
-    result), or computed from more than MAX_INLINED_SOURCES stored buffers. A kernel reads the stored buffers its inlined inputs come from, each once, and writes its
-    results. Elementwise kernels next to each other fuse into one, as the compiler fuses producers with
-    consumers and kernels that read the same inputs; a row maximum followed by the sum of exp(x - max) is
-    one pass (inductor's online softmax, on CUDA)."""
+    result), or computed from more than MAX_INLINED_SOURCES stored buffers. A kernel reads the stored buffers
+    its inlined inputs come from, each once, and writes its results. Compiled neighbours fuse as `fuses` says."""
     readers = {}
     for op in recorder.ops:
         for buffer, _ in op.reads:
@@ -267,12 +354,18 @@ def kernels(recorder: Recorder) -> list[dict]:
         return (not recorder.compiled or op.eager or buffer not in readers or len(reads) > MAX_INLINED_SOURCES
                 or any(r.kind in ("gemm", "attention") or r.eager or r.backward > op.backward for r in readers[buffer]))  # fmt: skip
 
-
     def origin(buffer, size):
         return sources.get(buffer, {buffer: size})
 
+    def in_place(op):
+        base = op.reads[0][0] if op.reads else None
+        return recorder.compiled and op.name in FUNCTIONAL_UPDATES and base not in sources and readers[base][-1] is op
+
     result = []
     for op in recorder.ops:
+        if in_place(op):  # reads what it writes in, writes that much; the rest of the buffer stays as it is
+            update = max(n for _, n in op.reads[1:])
+            op = replace(op, kind="indexed", reads=op.reads[1:], writes=[(op.writes[0][0], update)])
         reads = {}
         for buffer, size in op.reads:
             reads.update(origin(buffer, size))
@@ -282,19 +375,37 @@ def kernels(recorder: Recorder) -> list[dict]:
             continue
         group = "loss" if op.region == "loss" else op.kind if op.kind in ("gemm", "attention") else "elementwise"
         kernel = {"group": group, "kind": op.kind, "flops": op.flops, "misaligned": op.misaligned, "name": op.name,
-                  "reads": reads, "writes": dict(op.writes), "fusible": recorder.compiled and not op.eager and op.kind == "pointwise"}  # fmt: skip
+                  "reads": reads, "writes": dict(op.writes), "shape": op.shape, "row_wise": op.row_wise,
+                  "fusible": recorder.compiled and not op.eager and op.kind in ("pointwise", "reduction")}  # fmt: skip
         previous = result[-1] if result else None
-        online_softmax = (previous and (previous["name"], op.name) == ("amax", "sum") and previous["group"] == group
-                          and set(previous["writes"]) <= set(reads) and recorder.compiled and not op.eager)  # fmt: skip
-        if online_softmax or (kernel["fusible"] and previous and previous["fusible"] and previous["group"] == group):
-            # Next to each other with nothing between, two elementwise kernels are one: inputs read once.
+        if previous and fuses(previous, kernel):  # one kernel: what both read, read once
             previous["reads"].update({b: n for b, n in reads.items() if b not in previous["writes"]})
             previous["writes"].update(kernel["writes"])
+            if kernel["kind"] == "reduction" and previous["kind"] == "pointwise":
+                previous.update(kind="reduction", shape=kernel["shape"], row_wise=kernel["row_wise"])
             continue
         result.append(kernel)
     for kernel in result:
         kernel["bytes"] = sum(kernel.pop("reads").values()) + sum(kernel.pop("writes").values())
     return result
+
+
+def fuses(previous: dict, kernel: dict) -> bool:
+    """Whether inductor makes one kernel of two compiled neighbours of the same group: elementwise kernels (one
+    loop); reductions over the same elements that share an input (a norm's statistics; a row maximum and the
+    sum of exp(x - max), the online softmax); and a row reduction with the elementwise work over its elements
+    that produces its input or reads its result (an add and the norm after it, a softmax and its output: one
+    pass a row, what the pass re-reads coming from the cache)."""
+    if not (previous["fusible"] and kernel["fusible"] and previous["group"] == kernel["group"]):
+        return False
+    kinds = (previous["kind"], kernel["kind"])
+    if kinds == ("pointwise", "pointwise"):
+        return True
+    shared = set(kernel["reads"]) & (set(previous["reads"]) | set(previous["writes"]))
+    if kinds == ("reduction", "reduction"):
+        return bool(shared) and previous["shape"] == kernel["shape"]
+    reduction, pointwise = (previous, kernel) if kinds[0] == "reduction" else (kernel, previous)
+    return bool(shared) and reduction["row_wise"] and pointwise["shape"][0] == reduction["shape"][0]
 
 
 def seconds(kernel: dict, name: str, attention: str) -> float:
