@@ -11,11 +11,11 @@ Hub remote code with modeling_minigpt.py, which imports it relatively: `save_pre
 import torch
 import torch.nn.functional as F
 
-# Logits a chunk holds: 2^27 is 2,668 rows at GPT-2's padded vocabulary, 50,304 (0.5 GiB of bf16 logits and
-# their gradient). Fewer, larger chunks keep each weight-gradient product compute-bound on a GPU (its fp32
-# accumulator, vocab x n_embd, is read and written once a chunk) and make fewer kernels; the chunk's memory
-# is what bounds them.
-CHUNK_LOGITS = 2**27
+# Logits a chunk holds: 2^28 is 5,336 rows at GPT-2's padded vocabulary, 50,304 (1 GiB of bf16 logits and their
+# gradient). Fewer, larger chunks read and write the fp32 weight-gradient sum (vocab x n_embd) fewer times and
+# make fewer kernels: 2^27 -> 2^28 is 1.3% of GPT-2 124M's step on an H100 on paper, for 1.5 GiB more a process
+# at 64 x 1024 (the memory estimate: 21.6 -> 23.1 GiB; docs/benchmarks.md). The chunk's memory bounds them.
+CHUNK_LOGITS = 2**28
 
 
 def next_token_targets(labels=None, shift_labels=None):
