@@ -394,6 +394,8 @@ def fusion_target(result: list, kernel: dict):
     """The kernel since the last one that cannot fuse (a GEMM, attention, an eager operation) that `kernel`
     fuses into, if any: inductor fuses by the graph, not by the order of operations, so `kernel` may join one
     before the kernels in between, unless it reads what one of those writes."""
+    if not kernel["fusible"]:
+        return None
     for earlier in reversed(result):
         if not earlier["fusible"] or earlier["group"] != kernel["group"]:
             return None
@@ -405,13 +407,13 @@ def fusion_target(result: list, kernel: dict):
 
 
 def fuses(previous: dict, kernel: dict) -> bool:
-    """Whether inductor makes one kernel of two compiled kernels of the same group that share a buffer:
-    elementwise kernels over the same elements (one loop); reductions over the same elements that share an input (a norm's statistics; a row maximum and the
-    sum of exp(x - max), the online softmax); and a row reduction with the elementwise work over its elements
-    or its results that produces its input or reads its result (an add, the norm after it and its 1/std; a
-    softmax and its output: one pass a row, what the pass re-reads coming from the cache)."""
-    shared = set(kernel["reads"]) & (set(previous["reads"]) | set(previous["writes"]))
-    if not (shared and previous["fusible"] and kernel["fusible"] and previous["group"] == kernel["group"]):
+    """Whether inductor makes one kernel of two fusible kernels of the same group that share a buffer:
+    elementwise kernels over the same elements (one loop); reductions over the same elements (a norm's
+    statistics; a row maximum and the sum of exp(x - max), the online softmax); and a row reduction with the
+    elementwise work over its elements or its results that produces its input or reads its result (an add,
+    the norm after it and its 1/std; a softmax and its output: one pass a row, what the pass re-reads coming
+    from the cache)."""
+    if not set(kernel["reads"]) & (set(previous["reads"]) | set(previous["writes"])):
         return False
     kinds = (previous["kind"], kernel["kind"])
     if kinds in (("pointwise", "pointwise"), ("reduction", "reduction")):
